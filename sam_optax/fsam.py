@@ -1,0 +1,148 @@
+"""Friendly-SAM (F-SAM) as the first member of an ``optax.chain``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import _common
+from sam_optax.perturbation import perturbation
+
+
+class FSAMState(NamedTuple):
+  """State of :func:`fsam_perturb`.
+
+  Attributes:
+    count: number of steps taken.
+    gradient_ema: the exponential moving average ``m`` of past gradients, an
+      estimate of the full-batch gradient (float32 for low-precision params).
+  """
+
+  count: jax.Array
+  gradient_ema: Any
+
+
+def fsam_perturb(
+    grad_fn: Callable[..., Any],
+    rho: _common.ScalarOrSchedule = 0.05,
+    sigma: float = 1.0,
+    lmbda: float = 0.9,
+    p: float = 2,
+    *,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: _common.AxisName = None,
+    sync_perturbation: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Friendly Sharpness-Aware Minimization (F-SAM).
+
+  F-SAM perturbs along the stochastic-gradient *noise* rather than the full
+  gradient: it removes an exponential moving average of past gradients (an
+  estimate of the full gradient) from the minibatch gradient before taking the
+  SAM perturbation. Computed exactly as the official implementation
+  (nblt/F-SAM, ``FriendlySAM.first_step``)::
+
+      step 0:   d_0 = g_0,                      m_0 = g_0
+      step t:   d_t = g_t - sigma * m_{t-1},    m_t = lmbda * m_{t-1} + (1 - lmbda) * g_t
+      eps_t  = rho * dual(d_t)                 (ASAM: rho * |w| dual(|w| d_t))
+      out_t  = grad_fn(w_t + eps_t, **batch_args)
+
+  where ``dual`` is the p-norm dual vector of :func:`sam_optax.dual_vector`.
+  Note the perturbation uses the EMA *before* this step's update.
+
+  Multi-device: with ``axis_name``, ``d_t`` uses the device-local gradient
+  (m-sharpness; the axis-averaged one with ``sync_perturbation=True``), the EMA
+  is updated with the axis-averaged gradient so the state is identical on every
+  device, and the perturbed gradient is averaged before it goes down the chain.
+
+  Args:
+    grad_fn: ``grad_fn(params, **batch_args) -> gradient`` (tree of params).
+    rho: the neighbourhood radius, float >= 0 or an optax schedule. Default 0.05.
+    sigma: how much of the EMA to remove, >= 0. Default 1.0 (the paper's).
+    lmbda: the EMA decay, in [0, 1). Default 0.9 (the paper's CIFAR setting;
+      the authors use 0.6-0.95 depending on the task).
+    p: the neighbourhood norm, in (1, inf]. Default 2.
+    adaptive: ASAM-style scale-invariant neighbourhood. Default False.
+    eps: added to the norm. Default 1e-12.
+    axis_name: the device axis name under ``pmap``/``shard_map``, or None.
+    sync_perturbation: use the axis-averaged gradient for ``d_t``.
+    mask: optional pytree of booleans like ``params`` (or a callable of params):
+      only selected leaves are perturbed; the norm is over them only.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is
+    :class:`FSAMState`; its ``update`` requires ``params``.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda params, batch: jnp.sum((params['w'] - batch) ** 2)
+      >>> grad_fn = jax.grad(loss_fn)
+      >>> tx = optax.chain(sam_optax.fsam_perturb(grad_fn, rho=0.1), optax.sgd(0.1))
+      >>> params = {'w': jnp.ones(2)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(grad_fn(params, jnp.zeros(2)), state, params,
+      ...                            batch=jnp.zeros(2))
+
+  Reference:
+    Li, Zhou, He, Cheng, Huang, "Friendly Sharpness-Aware Minimization",
+    CVPR 2024.
+  """
+  name = "fsam_perturb"
+  _common.check_rho(rho, name)
+  _common.dual_exponent(p, name)
+  _common.check_nonnegative(eps, "eps", name)
+  sigma = _common.check_nonnegative(sigma, "sigma", name)
+  try:
+    lmbda = float(lmbda)
+  except (TypeError, ValueError) as error:
+    raise TypeError(f"{name}: lmbda must be a number in [0, 1), got {lmbda!r}.") from error
+  if not 0.0 <= lmbda < 1.0:
+    raise ValueError(f"{name}: lmbda (the EMA decay) must be in [0, 1), got lmbda={lmbda!r}.")
+  call_grad_fn = _common.make_grad_caller(grad_fn, name)
+
+  def init_fn(params):
+    gradient_ema = jax.tree.map(
+        lambda w: jnp.zeros(jnp.shape(w), _common.compute_dtype(jnp.asarray(w).dtype)),
+        params,
+    )
+    return FSAMState(count=jnp.zeros([], jnp.int32), gradient_ema=gradient_ema)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
+    _common.check_same_tree(params, updates, name + " (incoming updates)")
+    averaged_gradient = _common.axis_mean(updates, axis_name)
+    local_gradient = averaged_gradient if sync_perturbation else updates
+    # The EMA starts at zero, so d_0 = g_0 - sigma * 0 = g_0 as in the reference.
+    direction = jax.tree.map(
+        lambda g, m: g.astype(m.dtype) - sigma * m, local_gradient, state.gradient_ema
+    )
+    weight_perturbation = perturbation(
+        direction,
+        _common.evaluate_rho(rho, state.count),
+        p,
+        params=params,
+        adaptive=adaptive,
+        eps=eps,
+        mask=mask,
+    )
+    perturbed_gradient = call_grad_fn(
+        _common.tree_add(params, weight_perturbation), extra_args
+    )
+    perturbed_gradient = _common.axis_mean(perturbed_gradient, axis_name)
+    # m_0 = g_0 on the first step, then the EMA with decay lmbda.
+    decay = jnp.where(state.count == 0, 0.0, lmbda).astype(jnp.float32)
+    gradient_ema = jax.tree.map(
+        lambda m, g: (decay * m + (1.0 - decay) * g.astype(m.dtype)).astype(m.dtype),
+        state.gradient_ema,
+        averaged_gradient,
+    )
+    new_state = FSAMState(count=optax.safe_increment(state.count), gradient_ema=gradient_ema)
+    return perturbed_gradient, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

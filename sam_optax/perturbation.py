@@ -1,0 +1,159 @@
+"""The adversarial weight perturbation of SAM and ASAM, as pure functions.
+
+SAM (Foret et al., 2021) approximates the inner maximisation
+``max_{||eps||_p <= rho} L(w + eps)`` by its first-order Taylor expansion, whose
+solution is the dual-norm vector of the gradient ``g``::
+
+    eps(w) = rho * sign(g) * |g|^(q-1) / ||g||_q^(q-1),      1/p + 1/q = 1.
+
+For ``p = 2`` this is ``rho * g / ||g||_2``; for ``p = inf`` it is
+``rho * sign(g)``. The norm is taken over the whole pytree.
+
+ASAM (Kwon et al., 2021) makes the neighbourhood scale-invariant with the
+normalisation operator ``T_w = |w|``::
+
+    eps(w) = rho * T_w * dual(T_w * g),   for p = 2:  rho * w^2 * g / ||w * g||_2.
+
+All norms are computed in float32 (or wider) whatever the leaves' dtype, with
+the gradient first divided by its largest magnitude so that huge gradients do
+not overflow; a zero gradient gives a zero perturbation, never NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sam_optax import _common
+
+
+def _tree_max_abs(leaves: list[jax.Array]) -> jax.Array:
+  maxima = [jnp.max(jnp.abs(leaf)) for leaf in leaves if leaf.size > 0]
+  if not maxima:
+    return jnp.zeros([], jnp.float32)
+  return jnp.max(jnp.stack([m.astype(jnp.float32) for m in maxima]))
+
+
+def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
+  """The unit dual-norm direction of a gradient pytree.
+
+  Computes, over the whole pytree, the vector that maximises ``<g, v>`` on the
+  unit ``p``-norm ball::
+
+      dual(g) = sign(g) * |g|^(q-1) / (||g||_q^(q-1) + eps),   1/p + 1/q = 1,
+
+  and ``sign(g)`` for ``p = inf``. ``eps`` is added to the norm as in the
+  reference PyTorch implementations (``rho / (grad_norm + 1e-12)``), so a zero
+  gradient gives zeros.
+
+  Args:
+    gradient: a pytree of arrays.
+    p: the norm of the neighbourhood, a number in (1, inf]. Default 2.
+    eps: added to ``||g||_q^(q-1)``. Default 1e-12.
+
+  Returns:
+    A pytree like ``gradient`` (same dtypes). The math is done in float32 for
+    low-precision leaves and cast back.
+
+  Example::
+
+      >>> import jax.numpy as jnp, sam_optax
+      >>> sam_optax.dual_vector({'w': jnp.array([3.0, 4.0])})['w']
+      Array([0.6, 0.8], dtype=float32)
+  """
+  q = _common.dual_exponent(p, "dual_vector")
+  leaves, treedef = jax.tree.flatten(gradient)
+  leaves = [jnp.asarray(leaf) for leaf in leaves]
+  work = [leaf.astype(_common.compute_dtype(leaf.dtype)) for leaf in leaves]
+  if q == 1.0:  # p = inf: sign(g), no norm involved.
+    directions = [jnp.sign(leaf) for leaf in work]
+  else:
+    # Scale by the largest magnitude: dual(g) = dual(g / a), and the squares
+    # of g / a cannot overflow even for |g| ~ 1e30.
+    scale = _tree_max_abs(work)
+    safe_scale = jnp.where(scale > 0, scale, 1.0)
+    unit = [leaf / safe_scale.astype(leaf.dtype) for leaf in work]
+    if q == 2.0:
+      norm_power = jnp.sqrt(sum(jnp.sum(jnp.square(u), dtype=jnp.float32) for u in unit))
+      numerators = unit
+    else:
+      norm = sum(jnp.sum(jnp.abs(u) ** q, dtype=jnp.float32) for u in unit) ** (1.0 / q)
+      norm_power = norm ** (q - 1.0)
+      numerators = [jnp.sign(u) * jnp.abs(u) ** (q - 1.0) for u in unit]
+    # ||g||^(q-1) + eps  ==  a^(q-1) * (||g/a||^(q-1) + eps / a^(q-1)).
+    denominator = norm_power + eps / safe_scale ** (q - 1.0)
+    denominator = jnp.where(denominator > 0, denominator, 1.0)
+    directions = [n / denominator.astype(n.dtype) for n in numerators]
+  directions = [d.astype(leaf.dtype) for d, leaf in zip(directions, leaves)]
+  return jax.tree.unflatten(treedef, directions)
+
+
+def perturbation(
+    gradient: Any,
+    rho: float | jax.Array = 0.05,
+    p: float = 2,
+    *,
+    params: Any = None,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    mask: Any = None,
+) -> Any:
+  """SAM's (or ASAM's) adversarial weight perturbation ``eps`` for a gradient.
+
+  SAM::      eps = rho * dual(g)                       = rho * g / (||g||_2 + eps)     (p=2)
+  ASAM::     eps = rho * |w| * dual(|w| * g)           = rho * w^2 g / (||w g||_2 + eps) (p=2)
+
+  Args:
+    gradient: the gradient ``g`` at ``w`` (a pytree).
+    rho: the neighbourhood radius (in units of the parameters for SAM; relative
+      to ``|w|`` for ASAM). Default 0.05.
+    p: the neighbourhood norm, in (1, inf]. Default 2.
+    params: the parameters ``w``; required when ``adaptive=True``. The result
+      is cast to each parameter's dtype when given.
+    adaptive: ASAM's scale-invariant neighbourhood. Default False.
+    eps: numerical safety added to the norm. Default 1e-12.
+    mask: optional pytree of booleans like ``gradient`` (or a callable of
+      ``params`` returning one): only selected leaves are perturbed and the norm
+      is taken over them only (partial perturbation, e.g. SAM-ON).
+
+  Returns:
+    The perturbation pytree, with the structure of ``gradient``.
+
+  Example::
+
+      >>> import jax.numpy as jnp, sam_optax
+      >>> g = {'w': jnp.array([3.0, 4.0])}
+      >>> sam_optax.perturbation(g, rho=0.5)['w']
+      Array([0.3, 0.4], dtype=float32)
+  """
+  if adaptive and params is None:
+    raise ValueError("perturbation: adaptive=True (ASAM) needs params.")
+  rho = jnp.asarray(rho, jnp.float32)
+  mask_tree = _common.resolve_mask(mask, params if params is not None else gradient)
+  gradient = _common.apply_mask(gradient, mask_tree, "perturbation")
+  if adaptive:
+    scale = jax.tree.map(
+        lambda w: jnp.abs(jnp.asarray(w)).astype(_common.compute_dtype(jnp.asarray(w).dtype)),
+        params,
+    )
+    scaled_gradient = jax.tree.map(
+        lambda s, g: s * jnp.asarray(g).astype(s.dtype), scale, gradient
+    )
+    direction = jax.tree.map(
+        lambda s, d: s * d, scale, dual_vector(scaled_gradient, p, eps=eps)
+    )
+  else:
+    direction = jax.tree.map(
+        lambda g: jnp.asarray(g).astype(_common.compute_dtype(jnp.asarray(g).dtype)),
+        gradient,
+    )
+    direction = dual_vector(direction, p, eps=eps)
+  reference = params if params is not None else gradient
+  return jax.tree.map(
+      lambda d, ref: (rho.astype(d.dtype) * d).astype(jnp.asarray(ref).dtype),
+      direction,
+      reference,
+  )
+
