@@ -12,6 +12,8 @@ experiment code (models, datasets, the ``sam-optax`` command) in
 """
 
 from sam_optax.fsam import FSAMState, fsam_perturb
+from sam_optax.gsam import gsam_perturb, rho_schedule_from_learning_rate
+from sam_optax.looksam import LookSAMState, looksam_perturb
 from sam_optax.perturbation import dual_vector, perturbation
 from sam_optax.sam import SAMState, sam_perturb
 
@@ -19,9 +21,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FSAMState",
+    "LookSAMState",
     "SAMState",
     "dual_vector",
     "fsam_perturb",
+    "gsam_perturb",
+    "looksam_perturb",
     "perturbation",
+    "rho_schedule_from_learning_rate",
     "sam_perturb",
 ]

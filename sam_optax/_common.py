@@ -223,3 +223,39 @@ def check_same_tree(params: Any, gradient: Any, name: str) -> None:
 def compute_dtype(dtype: Any) -> Any:
   """float32 for low-precision floats, the dtype itself for wider ones."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_vdot(a: Any, b: Any) -> jax.Array:
+  """<a, b> over whole pytrees, accumulated in float32 (or wider)."""
+  products = [
+      jnp.vdot(
+          x.astype(compute_dtype(x.dtype)).ravel(), y.astype(compute_dtype(y.dtype)).ravel()
+      )
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  ]
+  return sum(products) if products else jnp.zeros([], jnp.float32)
+
+
+def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+  """numerator / denominator, and 0 where the denominator is 0."""
+  safe = jnp.where(denominator == 0, 1.0, denominator)
+  return jnp.where(denominator == 0, 0.0, numerator / safe)
+
+
+def orthogonal_component(vector: Any, reference: Any) -> Any:
+  """``vector - (<vector, reference> / ||reference||^2) reference`` (float32 math).
+
+  The part of ``vector`` orthogonal to ``reference``; ``vector`` itself when
+  ``reference`` is zero.
+  """
+  coefficient = safe_divide(tree_vdot(vector, reference), tree_vdot(reference, reference))
+  return jax.tree.map(
+      lambda v, r: v.astype(compute_dtype(v.dtype))
+      - coefficient * r.astype(compute_dtype(r.dtype)),
+      vector,
+      reference,
+  )
+
+
+def cast_like(tree: Any, reference: Any) -> Any:
+  return jax.tree.map(lambda x, r: x.astype(jnp.asarray(r).dtype), tree, reference)

@@ -1,0 +1,169 @@
+"""LookSAM: SAM's second pass only every k-th step, as the first chain member."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sam_optax import _common
+from sam_optax.perturbation import perturbation
+
+
+class LookSAMState(NamedTuple):
+  """State of :func:`looksam_perturb`.
+
+  Attributes:
+    count: number of steps taken.
+    orthogonal_gradient: ``g_v``, the part of the last SAM gradient orthogonal
+      to the plain gradient (float32 for low-precision params).
+  """
+
+  count: jax.Array
+  orthogonal_gradient: Any
+
+
+def looksam_perturb(
+    grad_fn: Callable[..., Any],
+    rho: _common.ScalarOrSchedule = 0.05,
+    k: int = 5,
+    alpha: float = 0.7,
+    p: float = 2,
+    *,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: _common.AxisName = None,
+    sync_perturbation: bool = False,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM: SAM at a fraction of its cost (under 2x the base step).
+
+  Every ``k``-th step (a *full* step) computes the SAM gradient and keeps its
+  component orthogonal to the plain gradient; the other steps reuse it and do
+  not call ``grad_fn`` at all::
+
+      full step (t % k == 0):  eps = rho * dual(g),  g_s = grad_fn(w + eps)
+                               g_v = g_s - (<g_s, g> / ||g||^2) g           (kept)
+                               out = g_s
+      other steps:             out = g + alpha * (||g|| / ||g_v||) * g_v
+
+  Which kind of step runs is chosen in one of two ways:
+
+  * **static, host-side** (fast everywhere, recommended on CPU): pass
+    ``full_step=True/False`` (a Python bool) to ``tx.update`` and make it a
+    static argument of your jitted step, e.g.
+    ``jax.jit(train_step, static_argnames='full_step')`` called with
+    ``full_step=(step % k == 0)``. The full and the cheap step compile to two
+    programs; the cheap one contains no second pass at all.
+  * **traced** (one program): omit ``full_step`` (or pass a traced boolean);
+    the phase is ``count % k == 0`` and a ``lax.cond`` picks the branch at run
+    time, so the second pass really runs only every k-th step. XLA:CPU runs
+    convolutions inside control flow much slower (jax-ml/jax#12868), so
+    prefer the static phase on CPU; on GPU/TPU the traced phase is fine.
+
+  ``full_step`` is consumed here and never forwarded to ``grad_fn``.
+
+  Multi-device (``axis_name``): ``eps`` from the device-local gradient
+  (m-sharpness); ``g`` and ``g_s`` are averaged over the axis before ``g_v`` is
+  formed, so the state and the update are identical on every device.
+
+  Args:
+    grad_fn: ``grad_fn(params, **batch_args) -> gradient`` (tree of params).
+    rho: radius, float >= 0 or an optax schedule. Default 0.05.
+    k: a full SAM step every ``k`` steps, an int >= 1. Default 5 (paper).
+    alpha: weight of the reused direction, >= 0. Default 0.7 (paper).
+    p, adaptive, eps, axis_name, sync_perturbation, mask: as in
+      :func:`sam_optax.sam_perturb`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (state :class:`LookSAMState`).
+
+  Example::
+
+      >>> import functools, jax, jax.numpy as jnp, optax, sam_optax
+      >>> loss_fn = lambda params, batch: jnp.sum((params - batch) ** 2)
+      >>> grad_fn = jax.grad(loss_fn)
+      >>> tx = optax.chain(sam_optax.looksam_perturb(grad_fn, k=5), optax.sgd(0.1))
+      >>> @functools.partial(jax.jit, static_argnames='full_step')
+      ... def train_step(params, opt_state, batch, full_step):
+      ...   updates, opt_state = tx.update(grad_fn(params, batch), opt_state, params,
+      ...                                  batch=batch, full_step=full_step)
+      ...   return optax.apply_updates(params, updates), opt_state
+      >>> params, opt_state = jnp.ones(3), tx.init(jnp.ones(3))
+      >>> for step in range(10):
+      ...   params, opt_state = train_step(params, opt_state, jnp.zeros(3), full_step=step % 5 == 0)
+
+  Reference:
+    Liu, Mai, Chen, Hsieh, You, "Towards Efficient and Scalable
+    Sharpness-Aware Minimization", CVPR 2022 (Algorithm 2).
+  """
+  name = "looksam_perturb"
+  _common.check_rho(rho, name)
+  _common.dual_exponent(p, name)
+  _common.check_nonnegative(eps, "eps", name)
+  alpha = _common.check_nonnegative(alpha, "alpha", name)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"{name}: k (the full-step period) must be an int >= 1, got k={k!r}.")
+  call_grad_fn = _common.make_grad_caller(grad_fn, name)
+
+  def init_fn(params):
+    orthogonal_gradient = jax.tree.map(
+        lambda w: jnp.zeros(jnp.shape(w), _common.compute_dtype(jnp.asarray(w).dtype)),
+        params,
+    )
+    return LookSAMState(count=jnp.zeros([], jnp.int32), orthogonal_gradient=orthogonal_gradient)
+
+  def full_step_fn(updates, averaged_gradient, state, params, extra_args):
+    gradient = averaged_gradient if sync_perturbation else updates
+    weight_perturbation = perturbation(
+        gradient,
+        _common.evaluate_rho(rho, state.count),
+        p,
+        params=params,
+        adaptive=adaptive,
+        eps=eps,
+        mask=mask,
+    )
+    sam_gradient = call_grad_fn(_common.tree_add(params, weight_perturbation), extra_args)
+    sam_gradient = _common.axis_mean(sam_gradient, axis_name)
+    orthogonal = _common.orthogonal_component(sam_gradient, averaged_gradient)
+    orthogonal = _common.cast_like(orthogonal, state.orthogonal_gradient)
+    return _common.cast_like(sam_gradient, updates), orthogonal
+
+  def cheap_step_fn(updates, averaged_gradient, state):
+    orthogonal = state.orthogonal_gradient
+    gradient_norm = jnp.sqrt(_common.tree_vdot(averaged_gradient, averaged_gradient))
+    orthogonal_norm = jnp.sqrt(_common.tree_vdot(orthogonal, orthogonal))
+    scale = alpha * _common.safe_divide(gradient_norm, orthogonal_norm)
+    out = jax.tree.map(
+        lambda g, v: (g.astype(v.dtype) + scale.astype(v.dtype) * v).astype(g.dtype),
+        averaged_gradient,
+        orthogonal,
+    )
+    return _common.cast_like(out, updates), orthogonal
+
+  def update_fn(updates, state, params=None, full_step=None, **extra_args):
+    if params is None:
+      raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
+    _common.check_same_tree(params, updates, name + " (incoming updates)")
+    averaged_gradient = _common.axis_mean(updates, axis_name)
+    if full_step is None:
+      full_step = state.count % k == 0
+    if isinstance(full_step, (bool, np.bool_)):
+      if full_step:
+        out, orthogonal = full_step_fn(updates, averaged_gradient, state, params, extra_args)
+      else:
+        out, orthogonal = cheap_step_fn(updates, averaged_gradient, state)
+    else:
+      out, orthogonal = jax.lax.cond(
+          jnp.asarray(full_step, bool),
+          lambda: full_step_fn(updates, averaged_gradient, state, params, extra_args),
+          lambda: cheap_step_fn(updates, averaged_gradient, state),
+      )
+    new_state = LookSAMState(count=optax.safe_increment(state.count), orthogonal_gradient=orthogonal)
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
