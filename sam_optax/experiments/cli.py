@@ -1,0 +1,264 @@
+"""The ``sam-optax`` command line: ``sam-optax compare`` (also ``python -m sam_optax``).
+
+Trains the same model with a base optimizer and its sharpness-aware versions on
+a real dataset, then prints a table like Table I of the SAM study (train/test
+loss and accuracy, generalization gap, Hessian lambda_max and
+|lambda_max/lambda_min|, wall time, step time relative to the base optimizer)
+and writes ``results.json``, ``results.csv`` and PNG plots (training curves,
+1D/2D filter-normalized loss landscapes, Hessian spectral density).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+ANALYSIS_EXAMPLES = 512  # training examples the Hessian and landscapes are computed on
+
+
+class UsageError(Exception):
+  """A bad option: reported as one line, exit status 2, no traceback."""
+
+
+def _float_list(text: str) -> list[int]:
+  try:
+    return [int(s) for s in text.split(",") if s.strip()]
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from error
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="sam-optax",
+      description="Sharpness-aware minimization in JAX/Optax: compare optimizers on real data.",
+  )
+  commands = parser.add_subparsers(dest="command", required=True)
+  compare = commands.add_parser(
+      "compare",
+      help="train the same model with a base optimizer, SAM and F-SAM and compare them",
+      description=(
+          "Train one model with several optimizers on a real dataset and report train/test "
+          "loss and accuracy, the generalization gap, Hessian sharpness and loss landscapes."
+      ),
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  compare.add_argument("--dataset", default="digits",
+                       help="digits (bundled with scikit-learn), fashion_mnist, cifar10, cifar100, "
+                            "gunpoint, italy_power_demand, synthetic_sequences, synthetic_graphs")
+  compare.add_argument("--data-dir", default=None, help="where dataset files are (Fashion-MNIST idx, CIFAR pickles)")
+  compare.add_argument("--model", default="auto", help="auto, mlp, cnn, wrn, transformer, gcn")
+  compare.add_argument("--optimizers", default=None,
+                       help="comma list from sgd, adam, sam, asam, fsam, gsam, looksam "
+                            "(default: BASE,sam,fsam)")
+  compare.add_argument("--base", default="sgd", help="base optimizer: sgd (momentum 0.9) or adam")
+  compare.add_argument("--rho", type=float, default=None,
+                       help="SAM radius (default per optimizer: 0.05; asam 0.5)")
+  compare.add_argument("--sigma", type=float, default=1.0, help="F-SAM: weight of the removed gradient EMA")
+  compare.add_argument("--lmbda", type=float, default=0.9, help="F-SAM: EMA decay in [0, 1)")
+  compare.add_argument("--epochs", type=int, default=25)
+  compare.add_argument("--batch-size", type=int, default=64)
+  compare.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.05, adam 1e-3)")
+  compare.add_argument("--weight-decay", type=float, default=5e-4)
+  compare.add_argument("--label-noise", type=float, default=0.0,
+                       help="fraction of training labels replaced by a different random class")
+  compare.add_argument("--seeds", type=_float_list, default=[0], help="comma list; several give mean ± std")
+  compare.add_argument("--train-size", type=int, default=None, help="use only this many training examples")
+  compare.add_argument("--test-size", type=int, default=None, help="use only this many test examples")
+  compare.add_argument("--out", default="runs/compare", help="output directory")
+  compare.add_argument("--no-analysis", action="store_true", help="skip the Hessian and loss-landscape analysis")
+  compare.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+  compare.add_argument("--checkpoint-dir", default=None,
+                       help="save a checkpoint after every epoch and resume from the latest one")
+  compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+  return parser
+
+
+def _parse_optimizers(text: Optional[str], base: str) -> list[str]:
+  from sam_optax.experiments.train import OPTIMIZERS  # pylint: disable=import-outside-toplevel
+
+  names = [name.strip().lower() for name in (text or f"{base},sam,fsam").split(",") if name.strip()]
+  unknown = [name for name in names if name not in OPTIMIZERS]
+  if unknown:
+    raise UsageError(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(OPTIMIZERS)}")
+  if len(set(names)) != len(names):
+    raise UsageError(f"--optimizers lists a name twice: {text}")
+  return names
+
+
+def validate(args: argparse.Namespace) -> None:
+  if args.rho is not None and not (math.isfinite(args.rho) and args.rho >= 0):
+    raise UsageError(f"--rho must be a finite number >= 0, got {args.rho}")
+  if not 0 <= args.lmbda < 1:
+    raise UsageError(f"--lmbda must be in [0, 1), got {args.lmbda}")
+  if args.sigma < 0:
+    raise UsageError(f"--sigma must be >= 0, got {args.sigma}")
+  if not 0 <= args.label_noise <= 1:
+    raise UsageError(f"--label-noise must be a fraction in [0, 1], got {args.label_noise}")
+  if args.epochs < 1 or args.batch_size < 1:
+    raise UsageError("--epochs and --batch-size must be positive")
+  if args.lr is not None and not args.lr > 0:
+    raise UsageError(f"--lr must be > 0, got {args.lr}")
+  if args.base not in ("sgd", "adam"):
+    raise UsageError(f"--base must be sgd or adam, got {args.base!r}")
+  if not args.seeds:
+    raise UsageError("--seeds needs at least one seed")
+
+
+DEFAULT_MODEL = {
+    "digits": "cnn", "fashion_mnist": "cnn", "cifar10": "wrn", "cifar100": "wrn",
+    "gunpoint": "transformer", "italy_power_demand": "transformer",
+    "synthetic_sequences": "transformer", "synthetic_graphs": "gcn",
+}
+
+
+def _mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+  values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+  if not values:
+    return None, None
+  return float(np.mean(values)), float(np.std(values))
+
+
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "lambda_max",
+           "lambda_min", "lambda_ratio", "hessian_trace", "seconds", "step_time_ratio")
+
+
+def run_compare(args: argparse.Namespace) -> dict:
+  """Runs the comparison and writes every output; returns the results dict."""
+  # Heavy imports only once the options are known to be good.
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from sam_optax.experiments import data as data_lib  # pylint: disable=import-outside-toplevel
+  from sam_optax.experiments import models as models_lib  # pylint: disable=import-outside-toplevel
+  from sam_optax.experiments import report  # pylint: disable=import-outside-toplevel
+  from sam_optax.experiments.train import TrainConfig, evaluate, train  # pylint: disable=import-outside-toplevel
+
+  optimizers = _parse_optimizers(args.optimizers, args.base)
+  model_name = DEFAULT_MODEL.get(args.dataset, "mlp") if args.model == "auto" else args.model
+  load_kwargs = {}
+  if args.train_size is not None:
+    load_kwargs["train_size"] = args.train_size
+  if args.test_size is not None:
+    load_kwargs["test_size"] = args.test_size
+  try:
+    dataset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir, seed=0, **load_kwargs)
+  except TypeError as error:  # a loader without subsetting options
+    if not load_kwargs:
+      raise
+    dataset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir, seed=0)
+    del error
+  try:
+    model = models_lib.get_model(model_name, dataset.num_classes, dataset.input_shape)
+  except ValueError as error:
+    raise UsageError(str(error)) from error
+  os.makedirs(args.out, exist_ok=True)
+  config_record = {
+      "dataset": args.dataset, "model": model_name, "optimizers": optimizers, "base": args.base,
+      "rho": args.rho, "sigma": args.sigma, "lmbda": args.lmbda, "epochs": args.epochs,
+      "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+      "label_noise": args.label_noise, "seeds": args.seeds,
+      "train_size": int(len(dataset.y_train)), "test_size": int(len(dataset.y_test)),
+      "backend": jax.default_backend(), "devices": jax.device_count(),
+  }
+  per_seed: dict[str, list[dict]] = {name: [] for name in optimizers}
+  curves: dict[str, list] = {}
+  analyses: dict[str, dict] = {}
+  for seed in args.seeds:
+    y_train = dataset.y_train
+    if args.label_noise > 0:
+      y_train = data_lib.add_label_noise(y_train, args.label_noise, dataset.num_classes, seed=seed)
+    for name in optimizers:
+      config = TrainConfig(
+          optimizer=name, base=args.base, rho=args.rho, sigma=args.sigma, lmbda=args.lmbda,
+          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+          weight_decay=args.weight_decay, seed=seed,
+      )
+      checkpointer = None
+      if args.checkpoint_dir:
+        from sam_optax.experiments.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+
+        checkpointer = Checkpointer(os.path.join(args.checkpoint_dir, f"{name}_seed{seed}"))
+      result = train(
+          model, dataset.x_train, y_train, config, x_test=dataset.x_test, y_test=dataset.y_test,
+          progress=not args.no_progress, description=f"{name} (seed {seed})", checkpointer=checkpointer,
+      )
+      state = result.state
+      train_loss, train_acc = evaluate(model, state.params, state.batch_stats, dataset.x_train, y_train)
+      test_loss, test_acc = evaluate(model, state.params, state.batch_stats, dataset.x_test, dataset.y_test)
+      record: dict[str, Any] = {
+          "seed": seed, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+          "test_acc": test_acc, "gen_gap": test_loss - train_loss, "seconds": result.seconds,
+          "step_seconds": result.step_seconds,
+          "lambda_max": None, "lambda_min": None, "lambda_ratio": None, "hessian_trace": None,
+      }
+      if not args.no_analysis:
+        analysis = report.analyse(model, state, dataset, y_train, seed=seed,
+                                  examples=ANALYSIS_EXAMPLES, landscapes=seed == args.seeds[0])
+        record.update(analysis["summary"])
+        if seed == args.seeds[0]:
+          analyses[name] = analysis
+      if seed == args.seeds[0]:
+        curves[name] = result.history
+      per_seed[name].append(record)
+  # Step time relative to the base optimizer of the same seed.
+  reference = args.base if args.base in optimizers else next(
+      (n for n in optimizers if n in ("sgd", "adam")), None)
+  for name in optimizers:
+    for i, record in enumerate(per_seed[name]):
+      record["step_time_ratio"] = (
+          record["step_seconds"] / per_seed[reference][i]["step_seconds"] if reference else None)
+  runs = {}
+  for name in optimizers:
+    summary: dict[str, Any] = {}
+    for metric in METRICS:
+      mean, std = _mean_std([r.get(metric) for r in per_seed[name]])
+      summary[metric] = mean
+      summary[metric + "_std"] = std
+    summary["per_seed"] = per_seed[name]
+    runs[name] = summary
+  results = {"config": config_record, "runs": runs}
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  report.write_csv(results, os.path.join(args.out, "results.csv"))
+  table = report.markdown_table(results)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(table + "\n")
+  if not args.no_plots:
+    results["plots"] = report.write_plots(curves, analyses, args.out)
+  print()
+  print(table)
+  print(f"\nwrote {os.path.join(args.out, 'results.json')}, results.csv"
+        + (", and plots" if not args.no_plots else ""))
+  return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    validate(args)
+    if args.command == "compare":
+      _parse_optimizers(args.optimizers, args.base)
+      run_compare(args)
+  except UsageError as error:
+    print(f"sam-optax: error: {error}", file=sys.stderr)
+    return 2
+  except (ValueError, FileNotFoundError, OSError) as error:
+    # Missing data files, unknown dataset names, ...: one clear line.
+    print(f"sam-optax: error: {error}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("sam-optax: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
