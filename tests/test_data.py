@@ -1,0 +1,146 @@
+"""Dataset loaders on real bundled data and on small files written in the standard formats."""
+
+import gzip
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from sam_optax.experiments import data
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def test_digits_split_is_stratified_standardised_and_seeded():
+  ds = data.load_dataset("digits")
+  assert ds.x_train.shape[1:] == (8, 8, 1) and ds.x_train.dtype == np.float32
+  assert len(ds.y_train) + len(ds.y_test) == 1797
+  assert abs(len(ds.y_test) - 0.25 * 1797) < 10
+  assert set(np.unique(ds.y_test)) == set(range(10))
+  assert abs(float(ds.x_train.mean())) < 1e-4 and abs(float(ds.x_train.std()) - 1) < 1e-4
+  again = data.load_dataset("digits")
+  np.testing.assert_array_equal(ds.y_test, again.y_test)
+  other = data.load_dataset("digits", seed=1)
+  assert not np.array_equal(ds.y_test, other.y_test)
+
+
+def write_idx(path, array):
+  codes = {np.dtype(np.uint8): 0x08}
+  header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(header + array.tobytes())
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_idx_parser_and_fashion_mnist_from_data_dir(tmp_path, compressed):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
+  labels = (np.arange(20) % 10).astype(np.uint8)
+  suffix = ".gz" if compressed else ""
+  for stem, array in [("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels),
+                      ("t10k-images-idx3-ubyte", images[:10]), ("t10k-labels-idx1-ubyte", labels[:10])]:
+    write_idx(str(tmp_path / (stem + suffix)), array)
+  np.testing.assert_array_equal(data.read_idx(str(tmp_path / ("train-images-idx3-ubyte" + suffix))), images)
+  ds = data.load_dataset("fashion_mnist", data_dir=str(tmp_path))
+  assert ds.x_train.shape == (20, 28, 28, 1) and ds.x_test.shape == (10, 28, 28, 1)
+  np.testing.assert_array_equal(ds.y_train, labels)
+  # Standardisation is x/255 with the training mean and std.
+  scaled = images / 255.0
+  np.testing.assert_allclose(ds.x_train[..., 0], (scaled - scaled.mean()) / scaled.std(), rtol=1e-4, atol=1e-5)
+
+
+def test_idx_bad_magic_is_a_clear_error(tmp_path):
+  path = tmp_path / "bad"
+  path.write_bytes(b"\x01\x02\x03\x04")
+  with pytest.raises(data.DatasetError, match="magic"):
+    data.read_idx(str(path))
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_subset():
+  ds = data.load_dataset("fashion_mnist", train_size=1000, test_size=500)
+  assert ds.x_train.shape == (1000, 28, 28, 1) and ds.x_test.shape == (500, 28, 28, 1)
+  assert set(np.unique(ds.y_train)) == set(range(10))
+
+
+def test_missing_files_say_where_to_get_them(tmp_path):
+  with pytest.raises(data.DatasetError, match="dataset-fashion-mnist"):
+    data.load_dataset("fashion_mnist", data_dir=str(tmp_path))
+  with pytest.raises(data.DatasetError, match="unknown dataset 'imagenet'"):
+    data.load_dataset("imagenet")
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_from_python_pickles(tmp_path, classes):
+  rng = np.random.default_rng(0)
+  folder = tmp_path / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+  folder.mkdir()
+  label_key = b"labels" if classes == 10 else b"fine_labels"
+  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if classes == 10 else ["train", "test"]
+  expected_first = None
+  for name in names:
+    pixels = rng.integers(0, 256, size=(4, 3072), dtype=np.uint8)
+    if expected_first is None:
+      expected_first = pixels[0].reshape(3, 32, 32).transpose(1, 2, 0)
+    with open(folder / name, "wb") as f:
+      pickle.dump({b"data": pixels, label_key: list(rng.integers(0, classes, size=4))}, f)
+  ds = data.load_dataset(f"cifar{classes}", data_dir=str(tmp_path))
+  train_count = 20 if classes == 10 else 4
+  assert ds.x_train.shape == (train_count, 32, 32, 3) and ds.x_test.shape == (4, 32, 32, 3)
+  assert ds.num_classes == classes
+  # Channels-last layout: correlate the first image with its raw pixels.
+  assert np.corrcoef(ds.x_train[0].ravel(), expected_first.ravel())[0, 1] > 0.999
+
+
+def test_ts_parser(tmp_path):
+  path = tmp_path / "Toy_TRAIN.ts"
+  path.write_text("# comment\n@problemName Toy\n@univariate true\n@classLabel true a b\n@data\n"
+                  "1.0,2.0,3.0:a\n4.0,5.0,6.5:b\n")
+  series, labels = data.read_ts(str(path))
+  np.testing.assert_array_equal(series, [[1, 2, 3], [4, 5, 6.5]])
+  assert list(labels) == ["a", "b"]
+
+
+def test_ucr_from_data_dir(tmp_path):
+  folder = tmp_path / "GunPoint"
+  folder.mkdir()
+  for split, rows in [("TRAIN", "1,2,3,4:1\n2,3,4,5:2\n"), ("TEST", "0,1,0,1:2\n")]:
+    (folder / f"GunPoint_{split}.ts").write_text("@data\n" + rows)
+  ds = data.load_dataset("gunpoint", data_dir=str(tmp_path))
+  assert ds.x_train.shape == (2, 4, 1) and ds.num_classes == 2
+  np.testing.assert_array_equal(ds.y_train, [0, 1])
+  np.testing.assert_array_equal(ds.y_test, [1])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.4, 1.0])
+def test_label_noise_flips_exactly_the_fraction_to_other_classes(fraction):
+  labels = np.random.default_rng(0).integers(0, 10, size=1001)
+  noisy = data.add_label_noise(labels, fraction, 10, seed=3)
+  flipped = noisy != labels
+  assert flipped.sum() == round(fraction * 1001)
+  assert noisy.min() >= 0 and noisy.max() < 10
+  np.testing.assert_array_equal(noisy, data.add_label_noise(labels, fraction, 10, seed=3))
+  assert labels is not noisy
+
+
+def test_iterate_batches_covers_each_example_once_and_is_seeded():
+  x = np.arange(100)
+  y = np.arange(100)
+  batches = list(data.iterate_batches(x, y, 10, seed=5))
+  assert len(batches) == 10
+  np.testing.assert_array_equal(np.sort(np.concatenate([b[1] for b in batches])), y)
+  again = list(data.iterate_batches(x, y, 10, seed=5))
+  np.testing.assert_array_equal(batches[0][0], again[0][0])
+  assert len(list(data.iterate_batches(x, y, 30, seed=5))) == 3  # drop_last
+  assert len(list(data.iterate_batches(x, y, 30, seed=5, drop_last=False))) == 4
+
+
+def test_generated_sets_are_seeded():
+  for name in ("synthetic_sequences", "synthetic_graphs"):
+    a = data.load_dataset(name, seed=0, train_size=20, test_size=10)
+    b = data.load_dataset(name, seed=0, train_size=20, test_size=10)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    assert len(a.y_train) == 20 and len(a.y_test) == 10
