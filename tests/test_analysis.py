@@ -1,0 +1,204 @@
+"""sam_optax.analysis against the dense ``jax.hessian`` of small models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from sam_optax import analysis
+
+RNG = np.random.default_rng(0)
+
+
+def make_params(key=0):
+  """A tiny conv + MLP with leaves of mixed shapes (~300 parameters)."""
+  keys = jax.random.split(jax.random.key(key), 4)
+  return {
+      "conv": {"kernel": 0.5 * jax.random.normal(keys[0], (3, 3, 1, 4)), "bias": jnp.full((4,), 0.1)},
+      "dense": {"kernel": 0.3 * jax.random.normal(keys[1], (36, 6)), "bias": jnp.zeros(6)},
+      "head": {"kernel": 0.3 * jax.random.normal(keys[2], (6, 3)), "bias": jnp.zeros(3)},
+  }
+
+
+def loss_fn(params, batch):
+  x = jax.lax.conv_general_dilated(batch["x"], params["conv"]["kernel"], (1, 1), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x = jnp.tanh(x + params["conv"]["bias"]).reshape(x.shape[0], -1)
+  x = jnp.tanh(x @ params["dense"]["kernel"] + params["dense"]["bias"])
+  logits = x @ params["head"]["kernel"] + params["head"]["bias"]
+  return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["y"][:, None], -1)[:, 0])
+
+
+def make_batch(size, seed):
+  rng = np.random.default_rng(seed)
+  return {"x": jnp.asarray(rng.normal(size=(size, 5, 5, 1)), jnp.float32),
+          "y": jnp.asarray(rng.integers(0, 3, size=size), jnp.int32)}
+
+
+PARAMS = make_params()
+# Batches of different sizes: the analysis must weight them by size.
+BATCHES = [make_batch(7, 1), make_batch(20, 2), make_batch(3, 3)]
+ALL = {k: jnp.concatenate([b[k] for b in BATCHES]) for k in BATCHES[0]}
+
+
+@pytest.fixture(scope="module")
+def dense():
+  """Dense Hessian of the mean loss over ALL examples (= size-weighted mean of batches)."""
+  with jax.default_matmul_precision("float32"):
+    flat, unravel = ravel_pytree(PARAMS)
+    hessian = jax.hessian(lambda f: loss_fn(unravel(f), ALL))(flat)
+  hessian = np.asarray(hessian, np.float64)
+  hessian = 0.5 * (hessian + hessian.T)
+  values, vectors = np.linalg.eigh(hessian)
+  return hessian, values, vectors
+
+
+def flat(tree):
+  return np.asarray(ravel_pytree(tree)[0], np.float64)
+
+
+def test_hvp_matches_dense(dense):
+  hessian, _, _ = dense
+  v = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape), jnp.float32), PARAMS)
+  got = flat(analysis.hvp(loss_fn, PARAMS, ALL, v))
+  np.testing.assert_allclose(got, hessian @ flat(v), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_top_k_eigenpairs(dense, jit):
+  _, values, vectors = dense
+  order = np.argsort(-np.abs(values))
+  result = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=3, key=jax.random.key(0), jit=jit)
+  np.testing.assert_allclose(result.eigenvalues, values[order[:3]], rtol=1e-3)
+  for got, index in zip(result.eigenvectors, order[:3]):
+    cosine = abs(flat(got) @ vectors[:, index]) / np.linalg.norm(flat(got))
+    assert cosine > 0.999
+  assert result.num_hvps <= 100
+  eigenvalues, eigenvectors, *_ = result  # unpacks as (eigenvalues, eigenvectors)
+  assert len(eigenvectors) == 3 and jax.tree.structure(eigenvectors[0]) == jax.tree.structure(PARAMS)
+
+
+def test_extremes_and_ratio(dense):
+  _, values, _ = dense
+  extremes = analysis.hessian_extremes(loss_fn, PARAMS, BATCHES, key=jax.random.key(1))
+  scale = max(abs(values[0]), abs(values[-1]))
+  np.testing.assert_allclose(extremes.lambda_max, values[-1], rtol=1e-3, atol=1e-4 * scale)
+  np.testing.assert_allclose(extremes.lambda_min, values[0], rtol=1e-3, atol=1e-4 * scale)
+  assert values[0] < 0  # the test model is not convex: lambda_min is a real negative eigenvalue
+  np.testing.assert_allclose(extremes.ratio, abs(values[-1] / values[0]), rtol=2e-3)
+
+
+def test_trace_within_standard_error(dense):
+  hessian, _, _ = dense
+  estimate = analysis.hessian_trace(loss_fn, PARAMS, BATCHES, num_samples=200, key=jax.random.key(2))
+  exact = np.trace(hessian)
+  assert estimate.stderr > 0
+  assert abs(estimate.trace - exact) < 4 * estimate.stderr
+  # Rademacher variance is 2 * sum_{i != j} H_ij^2, so the stderr is predictable too.
+  expected_stderr = np.sqrt(2 * (np.sum(hessian**2) - np.sum(np.diag(hessian) ** 2)) / 200)
+  assert 0.6 * expected_stderr < estimate.stderr < 1.5 * expected_stderr
+
+
+def test_spectral_density_normalised_and_mean(dense):
+  hessian, values, _ = dense
+  n = len(values)
+  result = analysis.spectral_density(loss_fn, PARAMS, BATCHES, key=jax.random.key(3), num_iters=n, num_runs=8)
+  grid, density = result.grid, result.density
+  step = grid[1] - grid[0]
+  np.testing.assert_allclose(np.sum(density) * step, 1.0, rtol=1e-6)
+  # With num_iters = n, each run's quadrature is exact: sum_i w_i theta_i = v'Hv/v'v.
+  quadrature_means = np.nansum(result.nodes * result.weights, axis=1)
+  assert np.all(result.weights.sum(axis=1) > 0.999)
+  mean = np.sum(grid * density) * step
+  np.testing.assert_allclose(mean, quadrature_means.mean(), rtol=1e-3, atol=1e-5)
+  # ... and the Rademacher quadratic forms estimate tr(H)/n.
+  assert abs(mean - np.trace(hessian) / n) < 0.25 * np.abs(values).max()
+  assert grid.min() <= values.min() + 1e-3 and grid.max() >= values.max() - 1e-3
+
+
+def test_several_batches_are_weighted_by_size(dense):
+  _, values, _ = dense
+  # Unweighted averaging of the three batch Hessians would give a different top eigenvalue.
+  per_batch = []
+  for batch in BATCHES:
+    f, unravel = ravel_pytree(PARAMS)
+    per_batch.append(np.asarray(jax.hessian(lambda x: loss_fn(unravel(x), batch))(f)))
+  unweighted_top = np.max(np.abs(np.linalg.eigvalsh(np.mean(per_batch, axis=0))))
+  weighted = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, key=jax.random.key(4)).eigenvalues[0]
+  assert abs(abs(weighted) - np.abs(values).max()) < 1e-3 * np.abs(values).max()
+  assert abs(abs(weighted) - unweighted_top) > 1e-2 * unweighted_top
+
+
+def test_bf16_params_accumulate_in_float32():
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+  bf16_loss = lambda p, b: loss_fn(jax.tree.map(lambda x: x.astype(jnp.float32), p), b)
+  top = analysis.hessian_eigenvalues(bf16_loss, params, BATCHES, key=jax.random.key(0), max_iters=40)
+  reference = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, key=jax.random.key(0))
+  assert np.isfinite(top.eigenvalues).all()
+  np.testing.assert_allclose(top.eigenvalues, reference.eigenvalues, rtol=5e-2)
+
+
+def test_inputs_are_not_mutated():
+  before = [np.array(x) for x in jax.tree.leaves(PARAMS)]
+  analysis.sharpness_summary(loss_fn, PARAMS, BATCHES, key=jax.random.key(5), trace_samples=4)
+  analysis.loss_surface_1d(loss_fn, PARAMS, BATCHES, PARAMS, [0.5])
+  for a, b in zip(before, jax.tree.leaves(PARAMS)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_summary_fields(dense):
+  _, values, _ = dense
+  summary = analysis.sharpness_summary(loss_fn, PARAMS, BATCHES, key=jax.random.key(6), trace_samples=8)
+  np.testing.assert_allclose(summary.lambda_max, values[-1], rtol=1e-3)
+  np.testing.assert_allclose(summary.lambda_min, values[0], rtol=1e-3, atol=1e-4 * values[-1])
+  np.testing.assert_allclose(summary.lambda_ratio, abs(values[-1] / values[0]), rtol=5e-3)
+  assert summary.num_hvps > 8
+
+
+def test_filter_normalized_direction():
+  direction = analysis.filter_normalized_direction(PARAMS, jax.random.key(7))
+  for name in ("conv", "dense", "head"):
+    w, d = np.asarray(PARAMS[name]["kernel"]), np.asarray(direction[name]["kernel"])
+    axes = tuple(range(w.ndim - 1))  # one filter per output channel (last axis)
+    np.testing.assert_allclose(np.sqrt((d**2).sum(axes)), np.sqrt((w**2).sum(axes)), rtol=1e-5)
+    assert not np.allclose(d, w)
+    np.testing.assert_array_equal(np.asarray(direction[name]["bias"]), 0.0)
+  copied = analysis.filter_normalized_direction(PARAMS, jax.random.key(7), ignore=None)
+  np.testing.assert_array_equal(np.asarray(copied["conv"]["bias"]), np.asarray(PARAMS["conv"]["bias"]))
+  with pytest.raises(ValueError, match="ignore"):
+    analysis.filter_normalized_direction(PARAMS, jax.random.key(7), ignore="bn")
+
+
+def weighted_loss(params):
+  sizes = np.array([len(b["y"]) for b in BATCHES], np.float64)
+  return float(sum(s * loss_fn(params, b) for s, b in zip(sizes, BATCHES)) / sizes.sum())
+
+
+def shifted(params, *terms):
+  return jax.tree.map(lambda w, *ds: w + sum(c * d for c, d in zip(terms[::2], ds)), params, *terms[1::2])
+
+
+def test_loss_surfaces_match_point_by_point():
+  dx = analysis.filter_normalized_direction(PARAMS, jax.random.key(8))
+  dy = analysis.filter_normalized_direction(PARAMS, jax.random.key(9))
+  alphas = np.linspace(-1, 1, 5)
+  curve = analysis.loss_surface_1d(loss_fn, PARAMS, BATCHES, dx, alphas, chunk_size=2)
+  assert curve.shape == (5,)
+  np.testing.assert_allclose(curve[2], weighted_loss(PARAMS), rtol=1e-5)  # alpha = 0 is the loss
+  for alpha, value in zip(alphas, curve):
+    np.testing.assert_allclose(value, weighted_loss(jax.tree.map(lambda w, d: w + alpha * d, PARAMS, dx)), rtol=1e-5)
+  xs, ys = np.linspace(-0.5, 0.5, 3), np.linspace(-1, 1, 4)
+  grid = analysis.loss_surface_2d(loss_fn, PARAMS, BATCHES, dx, dy, xs, ys, chunk_size=5)
+  assert grid.shape == (3, 4)
+  for i, x in enumerate(xs):
+    for j, y in enumerate(ys):
+      point = jax.tree.map(lambda w, a, b: w + x * a + y * b, PARAMS, dx, dy)
+      np.testing.assert_allclose(grid[i, j], weighted_loss(point), rtol=1e-5)
+
+
+def test_bad_batches_are_rejected():
+  with pytest.raises(TypeError, match="sequence"):
+    analysis.hessian_trace(loss_fn, PARAMS, BATCHES[0], key=jax.random.key(0))
+  with pytest.raises(ValueError, match="empty"):
+    analysis.hessian_extremes(loss_fn, PARAMS, [], key=jax.random.key(0))
