@@ -11,12 +11,10 @@ and writes ``results.json``, ``results.csv`` and PNG plots (training curves,
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -28,7 +26,7 @@ class UsageError(Exception):
   """A bad option: reported as one line, exit status 2, no traceback."""
 
 
-def _float_list(text: str) -> list[int]:
+def _int_list(text: str) -> list[int]:
   try:
     return [int(s) for s in text.split(",") if s.strip()]
   except ValueError as error:
@@ -69,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument("--weight-decay", type=float, default=5e-4)
   compare.add_argument("--label-noise", type=float, default=0.0,
                        help="fraction of training labels replaced by a different random class")
-  compare.add_argument("--seeds", type=_float_list, default=[0], help="comma list; several give mean ± std")
+  compare.add_argument("--seeds", type=_int_list, default=[0], help="comma list; several give mean ± std")
   compare.add_argument("--train-size", type=int, default=None, help="use only this many training examples")
   compare.add_argument("--test-size", type=int, default=None, help="use only this many test examples")
   compare.add_argument("--out", default="runs/compare", help="output directory")
   compare.add_argument("--no-analysis", action="store_true", help="skip the Hessian and loss-landscape analysis")
+  compare.add_argument("--analysis-examples", type=int, default=ANALYSIS_EXAMPLES,
+                       help="training examples the Hessian and loss landscapes are computed on")
   compare.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
   compare.add_argument("--checkpoint-dir", default=None,
                        help="save a checkpoint after every epoch and resume from the latest one")
@@ -110,6 +110,12 @@ def validate(args: argparse.Namespace) -> None:
     raise UsageError(f"--base must be sgd or adam, got {args.base!r}")
   if not args.seeds:
     raise UsageError("--seeds needs at least one seed")
+  if args.analysis_examples < 1:
+    raise UsageError("--analysis-examples must be positive")
+  for name in ("train_size", "test_size"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be positive")
 
 
 DEFAULT_MODEL = {
@@ -147,13 +153,9 @@ def run_compare(args: argparse.Namespace) -> dict:
     load_kwargs["train_size"] = args.train_size
   if args.test_size is not None:
     load_kwargs["test_size"] = args.test_size
-  try:
-    dataset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir, seed=0, **load_kwargs)
-  except TypeError as error:  # a loader without subsetting options
-    if not load_kwargs:
-      raise
-    dataset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir, seed=0)
-    del error
+  dataset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir, seed=0, **load_kwargs)
+  if args.batch_size > len(dataset.y_train):
+    raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(dataset.y_train)})")
   try:
     model = models_lib.get_model(model_name, dataset.num_classes, dataset.input_shape)
   except ValueError as error:
@@ -200,7 +202,8 @@ def run_compare(args: argparse.Namespace) -> dict:
       }
       if not args.no_analysis:
         analysis = report.analyse(model, state, dataset, y_train, seed=seed,
-                                  examples=ANALYSIS_EXAMPLES, landscapes=seed == args.seeds[0])
+                                  examples=args.analysis_examples,
+                                  landscapes=seed == args.seeds[0] and not args.no_plots)
         record.update(analysis["summary"])
         if seed == args.seeds[0]:
           analyses[name] = analysis
@@ -250,8 +253,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except UsageError as error:
     print(f"sam-optax: error: {error}", file=sys.stderr)
     return 2
-  except (ValueError, FileNotFoundError, OSError) as error:
-    # Missing data files, unknown dataset names, ...: one clear line.
+  except Exception as error:  # pylint: disable=broad-except
+    from sam_optax.experiments.data import DatasetError  # pylint: disable=import-outside-toplevel
+
+    if not isinstance(error, DatasetError):
+      raise
+    # Unknown dataset names, missing data files: one clear line, no traceback.
     print(f"sam-optax: error: {error}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from sam_optax import analysis
 from sam_optax.experiments.train import make_eval_loss_fn, num_examples, take
 
 LANDSCAPE_1D_POINTS = 41
-LANDSCAPE_2D_POINTS = 21
+LANDSCAPE_2D_POINTS = 17
 
 
 def analysis_batches(x, y, examples: int, batch_size: int = 256) -> list[dict]:
@@ -66,7 +66,7 @@ COLUMNS = [
     ("test_acc", "test acc (%)", "pct"),
     ("gen_gap", "gen. gap", "{:.4f}"),
     ("lambda_max", "λmax", "{:.3g}"),
-    ("lambda_ratio", "|λmax/λmin|", "{:.3g}"),
+    ("lambda_ratio", "\\|λmax/λmin\\|", "{:.3g}"),
     ("seconds", "wall s", "{:.1f}"),
     ("step_time_ratio", "step time ×base", "{:.2f}"),
 ]

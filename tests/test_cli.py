@@ -1,0 +1,88 @@
+"""`sam-optax compare` end to end on the bundled digits data, and its error handling."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sam_optax.experiments import cli
+
+RUN_KEYS = {"train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "lambda_max", "lambda_min",
+            "lambda_ratio", "hessian_trace", "seconds", "step_time_ratio", "per_seed"}
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+  out = tmp_path / "run"
+  status = cli.main(["compare", "--epochs", "2", "--train-size", "384", "--test-size", "200",
+                     "--optimizers", "sgd,sam,fsam,looksam", "--seeds", "0,1", "--analysis-examples", "128",
+                     "--label-noise", "0.2", "--out", str(out), "--no-progress"])
+  assert status == 0
+  printed = capsys.readouterr().out
+  assert "| optimizer | train loss | train acc (%) | test loss | test acc (%) | gen. gap | λmax |" in printed
+  for name in ("sgd", "sam", "fsam", "looksam"):
+    assert f"| {name} |" in printed
+  results = json.loads((out / "results.json").read_text())
+  assert results["config"]["dataset"] == "digits" and results["config"]["label_noise"] == 0.2
+  assert set(results["runs"]) == {"sgd", "sam", "fsam", "looksam"}
+  for name, run in results["runs"].items():
+    assert RUN_KEYS <= set(run)
+    assert len(run["per_seed"]) == 2
+    assert 0.0 <= run["train_acc"] <= 1.0 and 0.0 <= run["test_acc"] <= 1.0
+    # Top-level values are the means over seeds.
+    mean = sum(r["test_acc"] for r in run["per_seed"]) / 2
+    assert abs(run["test_acc"] - mean) < 1e-12
+    assert abs(run["gen_gap"] - (run["test_loss"] - run["train_loss"])) < 1e-9
+    assert run["lambda_max"] > 0 and run["lambda_max"] >= run["lambda_min"]
+    assert abs(run["lambda_ratio"] - sum(abs(r["lambda_max"] / r["lambda_min"]) for r in run["per_seed"]) / 2) < 1e-6
+  assert results["runs"]["sgd"]["step_time_ratio"] == 1.0
+  rows = list(csv.DictReader(open(out / "results.csv")))
+  assert len(rows) == 4 * 3  # two seeds and a mean row per optimizer
+  for name in ("training_curves.png", "landscape_1d.png", "spectral_density.png",
+               "landscape_2d_sam.png", "landscape_3d_fsam.png"):
+    assert (out / name).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--optimizers", "sgd,adamw"], "unknown optimizer(s) adamw"),
+        (["--rho", "-0.1"], "--rho must be a finite number >= 0"),
+        (["--lmbda", "1.0"], "--lmbda must be in [0, 1)"),
+        (["--label-noise", "1.5"], "--label-noise must be a fraction"),
+        (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+    ],
+)
+def test_bad_options_exit_nonzero_with_a_clear_message(tmp_path, arguments, message):
+  completed = subprocess.run(
+      [sys.executable, "-m", "sam_optax", "compare", "--epochs", "1", "--out", str(tmp_path), *arguments],
+      capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert completed.returncode == 2
+  assert message in completed.stderr
+  assert "Traceback" not in completed.stderr
+
+
+def test_help_lists_the_options():
+  completed = subprocess.run([sys.executable, "-m", "sam_optax", "compare", "--help"],
+                             capture_output=True, text=True, timeout=120, check=True)
+  for option in ("--dataset", "--model", "--optimizers", "--base", "--rho", "--sigma", "--lmbda", "--epochs",
+                 "--batch-size", "--lr", "--label-noise", "--seeds", "--out", "--no-analysis", "--checkpoint-dir"):
+    assert option in completed.stdout
+
+
+def test_checkpoint_dir_resumes(tmp_path, capsys):
+  arguments = ["compare", "--epochs", "2", "--train-size", "256", "--test-size", "64", "--optimizers", "fsam",
+               "--no-analysis", "--no-plots", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")]
+  assert cli.main(arguments + ["--out", str(tmp_path / "a")]) == 0
+  first = json.loads((tmp_path / "a" / "results.json").read_text())["runs"]["fsam"]
+  assert (tmp_path / "ckpt" / "fsam_seed0").is_dir()
+  # A second run finds the finished checkpoint and reproduces the same model.
+  assert cli.main(arguments + ["--out", str(tmp_path / "b")]) == 0
+  second = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]["fsam"]
+  assert first["test_loss"] == second["test_loss"] and first["train_acc"] == second["train_acc"]
