@@ -1,0 +1,22 @@
+"""The benchmark scripts run (smoke mode); they assert correctness, never timings."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.mark.parametrize("script,expected", [
+    ("step_speed.py", ["correctness: sam_perturb step == hand-written SAM step == optax.contrib.sam step: OK",
+                       "| step | ms/step | × base |", "| target | measured | verdict |"]),
+    ("hessian_benchmark.py", ["| HVP / gradient time |", "| method | HVPs |"]),
+])
+def test_benchmark_smoke(script, expected):
+  completed = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), "--quick"],
+                             capture_output=True, text=True, timeout=600, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  for text in expected:
+    assert text in completed.stdout
