@@ -10,3 +10,6 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Notebooks (run by nbmake in child kernels that inherit this environment) use
+# their tiny CI budget.
+os.environ.setdefault("SAM_OPTAX_SMOKE", "1")
