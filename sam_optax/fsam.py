@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _common
-from sam_optax.perturbation import perturbation
+from sam_optax._second_pass import make_second_pass
 
 
 class FSAMState(NamedTuple):
@@ -93,9 +93,8 @@ def fsam_perturb(
     CVPR 2024.
   """
   name = "fsam_perturb"
-  _common.check_rho(rho, name)
-  _common.dual_exponent(p, name)
-  _common.check_nonnegative(eps, "eps", name)
+  second_pass = make_second_pass(grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps,
+                                 mask=mask, axis_name=axis_name)
   sigma = _common.check_nonnegative(sigma, "sigma", name)
   try:
     lmbda = float(lmbda)
@@ -103,7 +102,6 @@ def fsam_perturb(
     raise TypeError(f"{name}: lmbda must be a number in [0, 1), got {lmbda!r}.") from error
   if not 0.0 <= lmbda < 1.0:
     raise ValueError(f"{name}: lmbda (the EMA decay) must be in [0, 1), got lmbda={lmbda!r}.")
-  call_grad_fn = _common.make_grad_caller(grad_fn, name)
 
   def init_fn(params):
     gradient_ema = jax.tree.map(
@@ -113,28 +111,15 @@ def fsam_perturb(
     return FSAMState(count=jnp.zeros([], jnp.int32), gradient_ema=gradient_ema)
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
-    _common.check_same_tree(params, updates, name + " (incoming updates)")
+    if params is not None:
+      _common.check_same_tree(params, updates, name + " (incoming updates)")
     averaged_gradient = _common.axis_mean(updates, axis_name)
     local_gradient = averaged_gradient if sync_perturbation else updates
     # The EMA starts at zero, so d_0 = g_0 - sigma * 0 = g_0 as in the reference.
     direction = jax.tree.map(
         lambda g, m: g.astype(m.dtype) - sigma * m, local_gradient, state.gradient_ema
     )
-    weight_perturbation = perturbation(
-        direction,
-        _common.evaluate_rho(rho, state.count),
-        p,
-        params=params,
-        adaptive=adaptive,
-        eps=eps,
-        mask=mask,
-    )
-    perturbed_gradient = call_grad_fn(
-        _common.tree_add(params, weight_perturbation), extra_args
-    )
-    perturbed_gradient = _common.axis_mean(perturbed_gradient, axis_name)
+    perturbed_gradient = second_pass(direction, params, state.count, extra_args)
     # m_0 = g_0 on the first step, then the EMA with decay lmbda.
     decay = jnp.where(state.count == 0, 0.0, lmbda).astype(jnp.float32)
     gradient_ema = jax.tree.map(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _common
-from sam_optax.perturbation import perturbation
+from sam_optax._second_pass import make_second_pass
 from sam_optax.sam import SAMState
 
 
@@ -72,35 +72,20 @@ def gsam_perturb(
     ICLR 2022.
   """
   name = "gsam_perturb"
-  _common.check_rho(rho, name)
-  _common.dual_exponent(p, name)
-  _common.check_nonnegative(eps, "eps", name)
+  second_pass = make_second_pass(grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps,
+                                 mask=mask, axis_name=axis_name)
   alpha = _common.check_nonnegative(alpha, "alpha", name)
-  call_grad_fn = _common.make_grad_caller(grad_fn, name)
 
   def init_fn(params):
     del params
     return SAMState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
-    _common.check_same_tree(params, updates, name + " (incoming updates)")
+    if params is not None:
+      _common.check_same_tree(params, updates, name + " (incoming updates)")
     averaged_gradient = _common.axis_mean(updates, axis_name)
-    gradient = averaged_gradient if sync_perturbation else updates
-    weight_perturbation = perturbation(
-        gradient,
-        _common.evaluate_rho(rho, state.count),
-        p,
-        params=params,
-        adaptive=adaptive,
-        eps=eps,
-        mask=mask,
-    )
-    perturbed_gradient = call_grad_fn(
-        _common.tree_add(params, weight_perturbation), extra_args
-    )
-    perturbed_gradient = _common.axis_mean(perturbed_gradient, axis_name)
+    direction = averaged_gradient if sync_perturbation else updates
+    perturbed_gradient = second_pass(direction, params, state.count, extra_args)
     orthogonal = _common.orthogonal_component(averaged_gradient, perturbed_gradient)
     out = jax.tree.map(
         lambda gp, g_perp: (gp.astype(g_perp.dtype) - alpha * g_perp).astype(gp.dtype),

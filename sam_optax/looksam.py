@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from sam_optax import _common
-from sam_optax.perturbation import perturbation
+from sam_optax._second_pass import make_second_pass
 
 
 class LookSAMState(NamedTuple):
@@ -101,13 +101,11 @@ def looksam_perturb(
     Sharpness-Aware Minimization", CVPR 2022 (Algorithm 2).
   """
   name = "looksam_perturb"
-  _common.check_rho(rho, name)
-  _common.dual_exponent(p, name)
-  _common.check_nonnegative(eps, "eps", name)
+  second_pass = make_second_pass(grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps,
+                                 mask=mask, axis_name=axis_name)
   alpha = _common.check_nonnegative(alpha, "alpha", name)
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"{name}: k (the full-step period) must be an int >= 1, got k={k!r}.")
-  call_grad_fn = _common.make_grad_caller(grad_fn, name)
 
   def init_fn(params):
     orthogonal_gradient = jax.tree.map(
@@ -117,18 +115,8 @@ def looksam_perturb(
     return LookSAMState(count=jnp.zeros([], jnp.int32), orthogonal_gradient=orthogonal_gradient)
 
   def full_step_fn(updates, averaged_gradient, state, params, extra_args):
-    gradient = averaged_gradient if sync_perturbation else updates
-    weight_perturbation = perturbation(
-        gradient,
-        _common.evaluate_rho(rho, state.count),
-        p,
-        params=params,
-        adaptive=adaptive,
-        eps=eps,
-        mask=mask,
-    )
-    sam_gradient = call_grad_fn(_common.tree_add(params, weight_perturbation), extra_args)
-    sam_gradient = _common.axis_mean(sam_gradient, axis_name)
+    direction = averaged_gradient if sync_perturbation else updates
+    sam_gradient = second_pass(direction, params, state.count, extra_args)
     orthogonal = _common.orthogonal_component(sam_gradient, averaged_gradient)
     orthogonal = _common.cast_like(orthogonal, state.orthogonal_gradient)
     return _common.cast_like(sam_gradient, updates), orthogonal

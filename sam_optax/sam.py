@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _common
-from sam_optax.perturbation import perturbation
+from sam_optax._second_pass import make_second_pass
 
 
 class SAMState(NamedTuple):
@@ -93,35 +93,16 @@ def sam_perturb(
     Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
     Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021.
   """
-  name = "sam_perturb"
-  _common.check_rho(rho, name)
-  _common.dual_exponent(p, name)
-  _common.check_nonnegative(eps, "eps", name)
-  call_grad_fn = _common.make_grad_caller(grad_fn, name)
+  second_pass = make_second_pass(grad_fn, "sam_perturb", rho=rho, p=p, adaptive=adaptive, eps=eps,
+                                 mask=mask, axis_name=axis_name)
 
   def init_fn(params):
     del params
     return SAMState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
-    gradient = updates
-    if sync_perturbation:
-      gradient = _common.axis_mean(gradient, axis_name)
-    weight_perturbation = perturbation(
-        gradient,
-        _common.evaluate_rho(rho, state.count),
-        p,
-        params=params,
-        adaptive=adaptive,
-        eps=eps,
-        mask=mask,
-    )
-    perturbed_gradient = call_grad_fn(
-        _common.tree_add(params, weight_perturbation), extra_args
-    )
-    perturbed_gradient = _common.axis_mean(perturbed_gradient, axis_name)
+    direction = _common.axis_mean(updates, axis_name) if sync_perturbation else updates
+    perturbed_gradient = second_pass(direction, params, state.count, extra_args)
     return perturbed_gradient, SAMState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
