@@ -50,7 +50,7 @@ def one_update(tx, params, matrix):
 
 class ClosedFormTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   def test_sam_gradient_on_quadratic(self):
     rho = 0.3
     tx = sam_optax.sam_perturb(quadratic_grad, rho=rho)
@@ -151,7 +151,7 @@ def numpy_fsam_trajectory(w, batches, rho, sigma, lmbda, lr, adaptive=False, eps
 
 class FriendlySAMTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   @parameterized.parameters(False, True)
   def test_multi_step_matches_python_loop(self, adaptive):
     rho, sigma, lmbda, lr = 0.2, 1.0, 0.9, 0.05

@@ -1,0 +1,36 @@
+"""The analysis plots write real image files, with several models on one figure."""
+
+import numpy as np
+import pytest
+
+from sam_optax.analysis import plotting
+
+
+@pytest.fixture
+def results():
+  grid = np.linspace(-1, 1, 9)
+  xx, yy = np.meshgrid(grid, grid, indexing="ij")
+  t = np.linspace(-0.1, 2.0, 500)
+  return {
+      "density": {name: (t, np.exp(-((t - c) ** 2) / 0.01) + 1e-6) for name, c in (("sgd", 1.5), ("sam", 0.5))},
+      "curves": {name: (grid, s * grid**2) for name, s in (("sgd", 3.0), ("sam", 1.0))},
+      "surfaces": {name: (grid, grid, s * (xx**2 + 2 * yy**2)) for name, s in (("sgd", 3.0), ("sam", 1.0))},
+  }
+
+
+def test_plots_are_written(tmp_path, results):
+  paths = [
+      plotting.plot_spectral_density(results["density"], str(tmp_path / "density.png")),
+      plotting.plot_loss_surface_1d(results["curves"], str(tmp_path / "sub" / "curve.png")),
+      plotting.plot_loss_contour(results["surfaces"], str(tmp_path / "contour.png")),
+      plotting.plot_loss_surface_3d(results["surfaces"], str(tmp_path / "surface.png")),
+  ]
+  import matplotlib.image
+
+  for path in paths:
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+  # Two models share a figure: the contour figure has two panels side by side.
+  single = plotting.plot_loss_contour({"sam": results["surfaces"]["sam"]}, str(tmp_path / "one.png"))
+  assert matplotlib.image.imread(paths[2]).shape[1] > 1.5 * matplotlib.image.imread(single).shape[1]
