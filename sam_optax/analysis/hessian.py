@@ -28,6 +28,7 @@ bf16/float32. The per-iteration host cost (a few vector operations on
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
@@ -92,16 +93,29 @@ class FlatOperator(NamedTuple):
   counter: list  # counter[0] = number of (full, all-batch) HVPs so far
 
 
+def _flat_product_impl(loss_fn: LossFn, params: Any, batch: Any, flat_v: jax.Array) -> jax.Array:
+  """Flat ``H v`` for flat ``v`` (the params' dtype inside, whatever ``flat_v``'s)."""
+  flat_params, unravel = ravel_pytree(params)
+  return ravel_pytree(hvp(loss_fn, params, batch, unravel(flat_v.astype(flat_params.dtype))))[0]
+
+
+# ``loss_fn`` is static: JAX's jit cache then compiles the HVP once per loss
+# function (and shapes), so eigenvalues, trace and density of one loss share it.
+_flat_product = jax.jit(_flat_product_impl, static_argnums=0)
+
+
 def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = True) -> FlatOperator:
-  """``v -> H v`` on flat float64 vectors, H the Hessian of the batch-size-weighted mean loss."""
+  """``v -> H v`` on flat float64 vectors, H the Hessian of the batch-size-weighted mean loss.
+
+  The jitted HVP is cached per ``loss_fn``, so repeated analyses of the same
+  loss (eigenvalues, trace, density) compile it once.
+  """
   batches = _as_batch_list(batches)
   weights = np.array([batch_size(b) for b in batches], np.float64)
   weights /= weights.sum()
   flat_params, unravel = ravel_pytree(params)
   dtype = flat_params.dtype
-  product = lambda p, batch, flat_v: ravel_pytree(hvp(loss_fn, p, batch, unravel(flat_v.astype(dtype))))[0]
-  if jit:
-    product = jax.jit(product)
+  product = functools.partial(_flat_product if jit else _flat_product_impl, loss_fn)
   counter = [0]
 
   def matvec(vector: np.ndarray) -> np.ndarray:
