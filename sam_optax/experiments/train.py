@@ -13,6 +13,7 @@ trajectory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -219,23 +220,26 @@ def make_train_step(model, tx, loss_fn):
   return step
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _evaluation_sums(model, params, batch_stats, x, y):
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  logits = model.apply(variables, x, train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  return losses.sum(), (jnp.argmax(logits, -1) == y).sum()
+
+
 def evaluate(model, params, batch_stats, x, y, batch_size: int = 512) -> tuple[float, float]:
-  """Mean cross-entropy and accuracy (a fraction) of the eval-mode model."""
+  """Mean cross-entropy and accuracy (a fraction) of the eval-mode model.
 
-  @jax.jit
-  def sums(params, batch_stats, xb, yb):
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    logits = model.apply(variables, xb, train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-    return losses.sum(), (jnp.argmax(logits, -1) == yb).sum()
-
+  Compiled once per model and chunk shape (the model is a static argument).
+  """
   n = num_examples(x)
   total_loss, correct = 0.0, 0
   for start in range(0, n, batch_size):
     index = np.arange(start, min(start + batch_size, n))
-    loss_sum, right = sums(params, batch_stats, take(x, index), jnp.asarray(y[index]))
+    loss_sum, right = _evaluation_sums(model, params, batch_stats, take(x, index), jnp.asarray(y[index]))
     total_loss += float(loss_sum)
     correct += int(right)
   return total_loss / n, correct / n
