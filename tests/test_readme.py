@@ -18,7 +18,7 @@ def python_blocks():
 def test_readme_has_the_quick_start_commands():
   text = README.read_text()
   assert "## Quick start" in text
-  assert 'python -m pip install -e ".[experiments]" && sam-optax compare' in text
+  assert 'python -m pip install -e ".[experiments]" && python -m sam_optax compare' in text
   ci = (README.parent / ".ci" / "run").read_text()
   test_command = 'python -m pip install -q -e ".[test]" && python -m pytest -q -n 2'
   assert test_command in text and test_command in ci
