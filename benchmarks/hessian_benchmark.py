@@ -142,15 +142,20 @@ def main(argv=None) -> int:
   reference = analysis.hessian_eigenvalues(loss_fn, params, batches, key=jax.random.key(99), tol=1e-9, max_iters=300)
   exact = float(reference.eigenvalues[0])
   operator = analysis.hessian_operator(loss_fn, params, batches)
-  results = {"Lanczos (sam_optax, defaults)": [], "power iteration (PyHessian defaults)": [],
-             "matfree tridiag_sym, 30 matvecs": []}
+  results = {"Lanczos (sam_optax, defaults)": [], "power iteration (PyHessian defaults)": []}
+  try:
+    import matfree.decomp  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    matfree = None
+    print("(matfree not installed: pip install -e '.[benchmarks]' adds its row)")
+  else:
+    results["matfree tridiag_sym, 30 matvecs"] = []
   times = {name: [] for name in results}
-  import matfree.decomp  # pylint: disable=import-outside-toplevel
-
   flat, unravel = ravel_pytree(params)
-  flat_hvp = lambda vec, p: ravel_pytree(analysis.hvp(loss_fn, p, batch, unravel(vec)))[0]
-  decompose = jax.jit(lambda vec, p: matfree.decomp.tridiag_sym(30)(flat_hvp, vec, p))
-  jax.block_until_ready(decompose(jnp.ones_like(flat), params))
+  if matfree is not None:
+    flat_hvp = lambda vec, p: ravel_pytree(analysis.hvp(loss_fn, p, batch, unravel(vec)))[0]
+    decompose = jax.jit(lambda vec, p: matfree.decomp.tridiag_sym(30)(flat_hvp, vec, p))
+    jax.block_until_ready(decompose(jnp.ones_like(flat), params))
   for seed in range(args.seeds):
     key = jax.random.key(seed)
     start = time.perf_counter()
@@ -161,6 +166,8 @@ def main(argv=None) -> int:
     value, hvps = pyhessian_power_iteration(operator.matvec, operator.dim, key)
     times["power iteration (PyHessian defaults)"].append(time.perf_counter() - start)
     results["power iteration (PyHessian defaults)"].append((value, hvps))
+    if matfree is None:
+      continue
     start_vector = jax.random.normal(key, flat.shape)
     start = time.perf_counter()
     _, tridiagonal, *_ = decompose(start_vector / jnp.linalg.norm(start_vector), params)
