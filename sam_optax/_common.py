@@ -225,6 +225,11 @@ def compute_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def zeros_in_compute_dtype(params: Any) -> Any:
+  """Zeros like ``params``, float32 for low-precision leaves (optimizer-state buffers)."""
+  return jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), compute_dtype(jnp.asarray(w).dtype)), params)
+
+
 def tree_vdot(a: Any, b: Any) -> jax.Array:
   """<a, b> over whole pytrees, accumulated in float32 (or wider)."""
   products = [

@@ -104,10 +104,7 @@ def fsam_perturb(
     raise ValueError(f"{name}: lmbda (the EMA decay) must be in [0, 1), got lmbda={lmbda!r}.")
 
   def init_fn(params):
-    gradient_ema = jax.tree.map(
-        lambda w: jnp.zeros(jnp.shape(w), _common.compute_dtype(jnp.asarray(w).dtype)),
-        params,
-    )
+    gradient_ema = _common.zeros_in_compute_dtype(params)
     return FSAMState(count=jnp.zeros([], jnp.int32), gradient_ema=gradient_ema)
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -108,10 +108,7 @@ def looksam_perturb(
     raise ValueError(f"{name}: k (the full-step period) must be an int >= 1, got k={k!r}.")
 
   def init_fn(params):
-    orthogonal_gradient = jax.tree.map(
-        lambda w: jnp.zeros(jnp.shape(w), _common.compute_dtype(jnp.asarray(w).dtype)),
-        params,
-    )
+    orthogonal_gradient = _common.zeros_in_compute_dtype(params)
     return LookSAMState(count=jnp.zeros([], jnp.int32), orthogonal_gradient=orthogonal_gradient)
 
   def full_step_fn(updates, averaged_gradient, state, params, extra_args):
