@@ -53,6 +53,26 @@ def format_row(name: str, run: dict) -> str:
           + f" | {run.get('step_time_ratio') or float('nan'):.2f} |")
 
 
+def merge_seed_runs(directories: list[str], out: str) -> dict:
+  """Merges ``results.json`` of runs that differ only in their seeds (run in parallel).
+
+  Per-seed records are concatenated and the means/stds recomputed with the
+  command line's own :func:`sam_optax.experiments.cli.summarise`.
+  """
+  from sam_optax.experiments.cli import summarise  # pylint: disable=import-outside-toplevel
+
+  parts = [json.load(open(os.path.join(d, "results.json"))) for d in directories]
+  config = dict(parts[0]["config"])
+  config["seeds"] = [seed for part in parts for seed in part["config"]["seeds"]]
+  per_seed = {name: [record for part in parts for record in part["runs"][name]["per_seed"]]
+              for name in parts[0]["runs"]}
+  results = {"config": config, "runs": summarise(per_seed), "merged_from": directories}
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--settings", default="digits:0.0,digits:0.4,fashion_mnist:0.0,fashion_mnist:0.4",

@@ -136,6 +136,18 @@ METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "lambd
            "lambda_min", "lambda_ratio", "hessian_trace", "seconds", "step_time_ratio")
 
 
+def summarise(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
+  """``{optimizer: per-seed records}`` -> the ``runs`` of results.json (means, stds, per_seed)."""
+  runs = {}
+  for name, records in per_seed.items():
+    summary: dict[str, Any] = {}
+    for metric in METRICS:
+      summary[metric], summary[metric + "_std"] = _mean_std([r.get(metric) for r in records])
+    summary["per_seed"] = records
+    runs[name] = summary
+  return runs
+
+
 def run_compare(args: argparse.Namespace) -> dict:
   """Runs the comparison and writes every output; returns the results dict."""
   # Heavy imports only once the options are known to be good.
@@ -217,16 +229,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     for i, record in enumerate(per_seed[name]):
       record["step_time_ratio"] = (
           record["step_seconds"] / per_seed[reference][i]["step_seconds"] if reference else None)
-  runs = {}
-  for name in optimizers:
-    summary: dict[str, Any] = {}
-    for metric in METRICS:
-      mean, std = _mean_std([r.get(metric) for r in per_seed[name]])
-      summary[metric] = mean
-      summary[metric + "_std"] = std
-    summary["per_seed"] = per_seed[name]
-    runs[name] = summary
-  results = {"config": config_record, "runs": runs}
+  results = {"config": config_record, "runs": summarise(per_seed)}
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   report.write_csv(results, os.path.join(args.out, "results.csv"))
