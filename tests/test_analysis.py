@@ -75,8 +75,10 @@ def test_top_k_eigenpairs(dense, jit):
     cosine = abs(flat(got) @ vectors[:, index]) / np.linalg.norm(flat(got))
     assert cosine > 0.999
   assert result.num_hvps <= 100
-  eigenvalues, eigenvectors, *_ = result  # unpacks as (eigenvalues, eigenvectors)
+  eigenvalues, eigenvectors = result  # the contract: unpacks as exactly (eigenvalues, eigenvectors)
+  np.testing.assert_array_equal(eigenvalues, result.eigenvalues)
   assert len(eigenvectors) == 3 and jax.tree.structure(eigenvectors[0]) == jax.tree.structure(PARAMS)
+  assert np.all(result.residuals <= 1e-4 * np.abs(result.eigenvalues))
 
 
 def test_extremes_and_ratio(dense):
@@ -87,6 +89,9 @@ def test_extremes_and_ratio(dense):
   np.testing.assert_allclose(extremes.lambda_min, values[0], rtol=1e-3, atol=1e-4 * scale)
   assert values[0] < 0  # the test model is not convex: lambda_min is a real negative eigenvalue
   np.testing.assert_allclose(extremes.ratio, abs(values[-1] / values[0]), rtol=2e-3)
+  lambda_max, lambda_min = extremes  # the contract: unpacks as exactly (lambda_max, lambda_min)
+  assert (lambda_max, lambda_min) == (extremes.lambda_max, extremes.lambda_min)
+  assert 3 <= extremes.num_hvps <= 150
 
 
 def test_trace_within_standard_error(dense):
@@ -98,13 +103,16 @@ def test_trace_within_standard_error(dense):
   # Rademacher variance is 2 * sum_{i != j} H_ij^2, so the stderr is predictable too.
   expected_stderr = np.sqrt(2 * (np.sum(hessian**2) - np.sum(np.diag(hessian) ** 2)) / 200)
   assert 0.6 * expected_stderr < estimate.stderr < 1.5 * expected_stderr
+  trace, stderr = estimate  # the contract: unpacks as exactly (trace, stderr)
+  assert (trace, stderr) == (estimate.trace, estimate.stderr) and estimate.num_hvps == 200
 
 
 def test_spectral_density_normalised_and_mean(dense):
   hessian, values, _ = dense
   n = len(values)
   result = analysis.spectral_density(loss_fn, PARAMS, BATCHES, key=jax.random.key(3), num_iters=n, num_runs=8)
-  grid, density = result.grid, result.density
+  grid, density = result  # the contract: unpacks as exactly (grid, density)
+  assert grid is result.grid and density is result.density and grid.shape == density.shape
   step = grid[1] - grid[0]
   np.testing.assert_allclose(np.sum(density) * step, 1.0, rtol=1e-6)
   # With num_iters = n, each run's quadrature is exact: sum_i w_i theta_i = v'Hv/v'v.

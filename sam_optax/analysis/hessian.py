@@ -28,9 +28,10 @@ bf16/float32. The per-iteration host cost (a few vector operations on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -189,8 +190,32 @@ def _start_vector(key: jax.Array, dim: int) -> np.ndarray:
   return np.asarray(jax.random.normal(key, (dim,), jnp.float32), np.float64)
 
 
-class EigenResult(NamedTuple):
-  """Result of :func:`hessian_eigenvalues`.
+class _UnpacksAs:
+  """A result that unpacks (and indexes) as the short tuple its function promises.
+
+  ``eigenvalues, eigenvectors = hessian_eigenvalues(...)`` works as the
+  contract says, and the diagnostics (``num_hvps``, residuals, ...) stay
+  available as attributes instead of lengthening the tuple.
+  """
+
+  _unpacks_as: ClassVar[tuple[str, ...]] = ()
+
+  def _as_tuple(self) -> tuple:
+    return tuple(getattr(self, name) for name in self._unpacks_as)
+
+  def __iter__(self):
+    return iter(self._as_tuple())
+
+  def __len__(self) -> int:
+    return len(self._unpacks_as)
+
+  def __getitem__(self, index):
+    return self._as_tuple()[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenResult(_UnpacksAs):
+  """Result of :func:`hessian_eigenvalues`; unpacks as ``(eigenvalues, eigenvectors)``.
 
   Attributes:
     eigenvalues: (top_k,) float64, sorted by decreasing magnitude.
@@ -198,6 +223,8 @@ class EigenResult(NamedTuple):
     num_hvps: the number of Hessian-vector products (each over all batches).
     residuals: ``||H y - theta y||`` for each pair (bounds the eigenvalue error).
   """
+
+  _unpacks_as: ClassVar[tuple[str, ...]] = ("eigenvalues", "eigenvectors")
 
   eigenvalues: np.ndarray
   eigenvectors: list
@@ -227,8 +254,8 @@ def hessian_eigenvalues(
   PyHessian's power iteration stops on a relative *change* of 1e-3 between
   iterations, which often leaves it ~5e-3 from the exact value.
 
-  Returns an :class:`EigenResult` ``(eigenvalues, eigenvectors, num_hvps,
-  residuals)``; it unpacks as ``eigenvalues, eigenvectors, *_ = ...``.
+  Returns an :class:`EigenResult`: it unpacks as ``eigenvalues, eigenvectors =
+  ...``, and ``.num_hvps`` / ``.residuals`` say what it cost and how exact it is.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar mean loss``.
@@ -271,14 +298,18 @@ def hessian_eigenvalues(
   return EigenResult(result.ritz_values[order], vectors, operator.counter[0], result.residuals[order])
 
 
-class Extremes(NamedTuple):
-  """Result of :func:`hessian_extremes`.
+@dataclasses.dataclass(frozen=True)
+class Extremes(_UnpacksAs):
+  """Result of :func:`hessian_extremes`; unpacks as ``(lambda_max, lambda_min)``.
 
   Attributes:
     lambda_max: the largest eigenvalue.
     lambda_min: the smallest (most negative) eigenvalue.
     num_hvps: Hessian-vector products used.
+    ratio: ``|lambda_max / lambda_min|`` (a property).
   """
+
+  _unpacks_as: ClassVar[tuple[str, ...]] = ("lambda_max", "lambda_min")
 
   lambda_max: float
   lambda_min: float
@@ -304,8 +335,19 @@ def hessian_extremes(
 
   One Lanczos run gives both ends of the spectrum; it stops when both extreme
   Ritz values have residual ``<= tol * max(|lambda_max|, |lambda_min|)``.
-  Returns :class:`Extremes` ``(lambda_max, lambda_min, num_hvps)``; its
-  ``ratio`` property is ``|lambda_max / lambda_min|``.
+  Returns :class:`Extremes`: it unpacks as ``lambda_max, lambda_min = ...``;
+  ``.ratio`` is ``|lambda_max / lambda_min|`` (the sharpness ratio the SAM
+  study tabulates) and ``.num_hvps`` the cost.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)   # H = diag(batch)
+      >>> lambda_max, lambda_min = analysis.hessian_extremes(
+      ...     loss_fn, jnp.ones(3), [jnp.array([4.0, -0.5, 1.0])], key=jax.random.key(0))
+      >>> round(lambda_max, 4), round(lambda_min, 4)
+      (4.0, -0.5)
   """
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
@@ -318,9 +360,20 @@ def hessian_extremes(
   return Extremes(float(result.ritz_values[-1]), float(result.ritz_values[0]), operator.counter[0])
 
 
-class TraceEstimate(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class TraceEstimate(_UnpacksAs):
+  """Result of :func:`hessian_trace`; unpacks as ``(trace, stderr)``.
+
+  Attributes:
+    trace: the Hutchinson estimate of ``tr(H)``.
+    stderr: its standard error (sample standard deviation / sqrt(num_samples)).
+    num_hvps: Hessian-vector products used.
+  """
+
+  _unpacks_as: ClassVar[tuple[str, ...]] = ("trace", "stderr")
+
   trace: float
-  stderr: float  # standard error of the mean
+  stderr: float
   num_hvps: int
 
 
@@ -337,8 +390,18 @@ def hessian_trace(
 
   ``tr(H) = E[v^T H v]`` for ``v`` with independent +-1 entries; the estimate
   is the mean of ``num_samples`` products and ``stderr`` the sample standard
-  deviation over ``sqrt(num_samples)``. Returns :class:`TraceEstimate`
-  ``(trace, stderr, num_hvps)``.
+  deviation over ``sqrt(num_samples)``. Returns :class:`TraceEstimate`, which
+  unpacks as ``trace, stderr = ...`` (``.num_hvps`` is the cost).
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)   # tr(H) = 6
+      >>> trace, stderr = analysis.hessian_trace(loss_fn, jnp.ones(3), [jnp.array([1.0, 2.0, 3.0])],
+      ...                                        key=jax.random.key(0))
+      >>> round(trace, 4), stderr      # a diagonal H: every Rademacher probe gives tr(H) exactly
+      (6.0, 0.0)
 
   Reference: Hutchinson (1989); Avron & Toledo (2011).
   """
@@ -354,11 +417,23 @@ def hessian_trace(
                        operator.counter[0])
 
 
-class SpectralDensity(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class SpectralDensity(_UnpacksAs):
+  """Result of :func:`spectral_density`; unpacks as ``(grid, density)``.
+
+  Attributes:
+    grid: (num_bins,) eigenvalue grid.
+    density: (num_bins,) the smoothed density; integrates to 1 over ``grid``.
+    nodes: (num_runs, m) the Ritz values of each run (NaN-padded).
+    weights: (num_runs, m) their quadrature weights (squared first components).
+  """
+
+  _unpacks_as: ClassVar[tuple[str, ...]] = ("grid", "density")
+
   grid: np.ndarray
   density: np.ndarray
-  nodes: np.ndarray  # (num_runs, m) Ritz values
-  weights: np.ndarray  # (num_runs, m) squared first components
+  nodes: np.ndarray
+  weights: np.ndarray
 
 
 def spectral_density(
@@ -388,8 +463,18 @@ def spectral_density(
   on ``num_bins`` points spanning the Ritz values (plus ``overhead``), then
   normalised to integrate to 1 over the grid. Its mean estimates ``tr(H)/n``.
 
-  Returns :class:`SpectralDensity` ``(grid, density, nodes, weights)``; it
-  unpacks as ``grid, density, *_ = ...``.
+  Returns :class:`SpectralDensity`: it unpacks as ``grid, density = ...``;
+  ``.nodes`` and ``.weights`` are the quadrature of each run.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from sam_optax import analysis
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)   # eigenvalues 1, 2, 3, 4
+      >>> grid, density = analysis.spectral_density(loss_fn, jnp.ones(4), [jnp.arange(1.0, 5.0)],
+      ...                                           key=jax.random.key(0), num_iters=4)
+      >>> round(float(np.sum(density) * (grid[1] - grid[0])), 6)
+      1.0
   """
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   all_nodes, all_weights = [], []
