@@ -23,11 +23,12 @@ def xla_figures(jitted: Callable[..., Any], *args, **kwargs) -> dict:
   }
 
 
-def interleaved_medians(runners: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int) -> dict:
-  """Median seconds per call of each runner, timed round-robin to share the machine's noise.
+def interleaved_samples(runners: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int) -> dict:
+  """Seconds per call of each runner in each round, timed round-robin to share the machine's noise.
 
   Each round runs every runner ``steps`` times (blocking on the result once at
-  the end), in a rotating order; the median over rounds is returned.
+  the end), in a rotating order. Returns ``{name: array of rounds}``; sample
+  ``i`` of two runners were measured back to back, so their ratio is paired.
   """
   names = list(runners)
   samples = {name: [] for name in names}
@@ -40,7 +41,28 @@ def interleaved_medians(runners: Mapping[str, Callable[[], Any]], *, rounds: int
         out = runners[name]()
       jax.block_until_ready(out)
       samples[name].append((time.perf_counter() - start) / steps)
+  return {name: np.asarray(values) for name, values in samples.items()}
+
+
+def interleaved_medians(runners: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int) -> dict:
+  """Median seconds per call of each runner over :func:`interleaved_samples` rounds."""
+  samples = interleaved_samples(runners, rounds=rounds, steps=steps)
   return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, *, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+  """Median of the per-round ratios and its 95 % bootstrap confidence interval.
+
+  Round ``i`` of both series ran back to back, so the per-round ratio cancels
+  most of a shared machine's slow drifts; the bootstrap over rounds says how
+  far the median ratio itself can move with this many rounds.
+  """
+  ratios = np.asarray(numerator) / np.asarray(denominator)
+  rng = np.random.default_rng(seed)
+  medians = np.median(rng.choice(ratios, size=(resamples, ratios.size), replace=True), axis=1)
+  low, high = np.percentile(medians, [2.5, 97.5])
+  return float(np.median(ratios)), float(low), float(high)
 
 
 def verdict(ok: bool) -> str:
