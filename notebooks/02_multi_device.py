@@ -39,7 +39,11 @@ import sys
 
 REPOSITORY = "git+https://github.com/your-org/sam_optax"  # <- set to this repository's URL
 if importlib.util.find_spec("sam_optax") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"sam_optax[experiments] @ {REPOSITORY}"], check=True)
+    # From the checkout this notebook sits in (`git clone ...; cd sam_optax/notebooks`), else the URL.
+    checkout = os.path.dirname(os.getcwd())
+    local = os.path.exists(os.path.join(checkout, "pyproject.toml"))
+    source = f"{checkout}[experiments]" if local else f"sam_optax[experiments] @ {REPOSITORY}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
 
 # %%
 import jax
