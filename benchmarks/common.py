@@ -23,12 +23,15 @@ def xla_figures(jitted: Callable[..., Any], *args, **kwargs) -> dict:
   }
 
 
-def interleaved_samples(runners: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int) -> dict:
+def interleaved_samples(runners: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int,
+                        block_each_call: bool = False) -> dict:
   """Seconds per call of each runner in each round, timed round-robin to share the machine's noise.
 
-  Each round runs every runner ``steps`` times (blocking on the result once at
-  the end), in a rotating order. Returns ``{name: array of rounds}``; sample
-  ``i`` of two runners were measured back to back, so their ratio is paired.
+  Each round runs every runner ``steps`` times, in a rotating order, blocking
+  on the result once at the end (or after every call with
+  ``block_each_call``: independent calls on the same inputs could otherwise
+  overlap on XLA:CPU). Returns ``{name: array of rounds}``; sample ``i`` of
+  two runners were measured back to back, so their ratio is paired.
   """
   names = list(runners)
   samples = {name: [] for name in names}
@@ -39,14 +42,17 @@ def interleaved_samples(runners: Mapping[str, Callable[[], Any]], *, rounds: int
       out = None
       for _ in range(steps):
         out = runners[name]()
+        if block_each_call:
+          jax.block_until_ready(out)
       jax.block_until_ready(out)
       samples[name].append((time.perf_counter() - start) / steps)
   return {name: np.asarray(values) for name, values in samples.items()}
 
 
-def interleaved_medians(runners: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int) -> dict:
+def interleaved_medians(runners: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int,
+                        block_each_call: bool = False) -> dict:
   """Median seconds per call of each runner over :func:`interleaved_samples` rounds."""
-  samples = interleaved_samples(runners, rounds=rounds, steps=steps)
+  samples = interleaved_samples(runners, rounds=rounds, steps=steps, block_each_call=block_each_call)
   return {name: float(np.median(values)) for name, values in samples.items()}
 
 

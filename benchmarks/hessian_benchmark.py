@@ -117,8 +117,10 @@ def main(argv=None) -> int:
     hvp = jax.jit(lambda p, b, t: analysis.hvp(loss_fn, p, b, t))
     g_fig, h_fig = xla_figures(grad, params, batch), xla_figures(hvp, params, batch, v)
     g_call, h_call = g_fig["compiled"], h_fig["compiled"]
+    # Block on every call: Lanczos waits for each HVP, and independent calls on
+    # the same inputs could otherwise overlap on XLA:CPU.
     medians = interleaved_medians({"grad": lambda: g_call(params, batch), "hvp": lambda: h_call(params, batch, v)},
-                                  rounds=args.rounds, steps=5)
+                                  rounds=args.rounds, steps=5, block_each_call=True)
     rows.append((name, sum(p.size for p in jax.tree.leaves(params)), medians["hvp"] / medians["grad"],
                  h_fig["flops"] / g_fig["flops"]))
   print("| model | params | HVP / gradient time | HVP / gradient XLA flops | target <= 2.5x |")
