@@ -17,7 +17,7 @@ from sam_optax.looksam import LookSAMState, looksam_perturb
 from sam_optax.perturbation import dual_vector, perturbation
 from sam_optax.sam import SAMState, sam_perturb
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 __all__ = [
     "FSAMState",
