@@ -26,8 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # dataset -> extra options of its protocol (sizes keep a 2-core CPU run reasonable).
 PROTOCOLS = {
-    "digits": ["--epochs", "30", "--batch-size", "64"],
-    "fashion_mnist": ["--epochs", "6", "--batch-size", "128", "--train-size", "6000", "--test-size", "2000"],
+    "digits": ["--epochs", "30", "--batch-size", "64", "--analysis-examples", "512"],
+    "fashion_mnist": ["--epochs", "6", "--batch-size", "128", "--train-size", "6000", "--test-size", "2000",
+                      "--analysis-examples", "512"],
 }
 
 

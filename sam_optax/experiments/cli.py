@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-ANALYSIS_EXAMPLES = 512  # training examples the Hessian and landscapes are computed on
+ANALYSIS_EXAMPLES = 256  # training examples the Hessian and landscapes are computed on (PyHessian uses 200)
 
 
 class UsageError(Exception):
