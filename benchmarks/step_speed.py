@@ -55,13 +55,15 @@ class CNN(nn.Module):
     return nn.Dense(10)(x)
 
 
-def chained(compiled, params, opt_state, batch):
-  """A runner that advances its own training state by one ``compiled`` step per call."""
+def chained(compiled_steps, params, opt_state, batch):
+  """A runner that, per call, advances its own training state through ``compiled_steps`` in order."""
   carry = [params, opt_state]
 
   def run():
-    out = compiled(carry[0], carry[1], batch)
-    carry[:] = out[:2]
+    out = None
+    for compiled in compiled_steps:
+      out = compiled(carry[0], carry[1], batch)
+      carry[:] = out[:2]
     return out
 
   return run
@@ -159,30 +161,14 @@ def main(argv=None) -> int:
   # training loop does: each step depends on the previous one, so the runtime
   # cannot overlap consecutive steps (independent calls on the same inputs
   # can run concurrently on XLA:CPU and flatter the cheaper step).
-  runners = {name: chained(compiled[name], params, state, batch) for name, (_, state) in steps.items()}
+  runners = {name: chained([compiled[name]], params, state, batch) for name, (_, state) in steps.items()}
+  # LookSAM, static phase: one full step and four cheap ones per call.
   looksam_full, looksam_cheap = looksam_figures[True]["compiled"], looksam_figures[False]["compiled"]
-  looksam_carry = [params, looksam_tx.init(params)]
-
-  def looksam_cycle():  # one full step and four cheap ones
-    out = None
-    for phase in range(5):
-      out = (looksam_full if phase == 0 else looksam_cheap)(looksam_carry[0], looksam_carry[1], batch)
-      looksam_carry[:] = out[:2]
-    return out
-
-  runners["looksam (k=5)"] = looksam_cycle
+  runners["looksam (k=5)"] = chained([looksam_full] + 4 * [looksam_cheap], params, looksam_state, batch)
   # The traced phase: one program, lax.cond picks the branch from the step count.
   traced_step, traced_state = chain_step(optax.chain(sam_optax.looksam_perturb(grad_fn, rho=RHO, k=5), base()))
   traced_figures = xla_figures(traced_step, params, traced_state, batch)
-  traced_runner = chained(traced_figures["compiled"], params, traced_state, batch)
-
-  def looksam_traced_cycle():  # five consecutive steps: one full, four cheap
-    out = None
-    for _ in range(5):
-      out = traced_runner()
-    return out
-
-  runners["looksam traced (lax.cond)"] = looksam_traced_cycle
+  runners["looksam traced (lax.cond)"] = chained(5 * [traced_figures["compiled"]], params, traced_state, batch)
   if args.only:
     wanted = {"base", "hand-written", *(name.strip() for name in args.only.split(","))}
     unknown = wanted - set(runners)
