@@ -155,3 +155,88 @@ def test_generated_sets_are_seeded():
     b = data.load_dataset(name, seed=0, train_size=20, test_size=10)
     np.testing.assert_array_equal(a.y_train, b.y_train)
     assert len(a.y_train) == 20 and len(a.y_test) == 10
+
+
+def test_mitbih_csv_loader(tmp_path):
+  # Rows exactly as the public CSVs: 187 comma-separated samples in [0, 1], then the label as a float.
+  rng = np.random.default_rng(0)
+  train_labels = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3, 4, 2, 0])
+  test_labels = np.array([0, 0, 0, 1, 2, 3, 4])
+  for name, labels in (("mitbih_train.csv", train_labels), ("mitbih_test.csv", test_labels)):
+    rows = np.concatenate([rng.uniform(0, 1, size=(len(labels), 187)), labels[:, None]], axis=1)
+    np.savetxt(tmp_path / name, rows, delimiter=",", fmt="%.18e")
+  x, y = data.read_mitbih_csv(str(tmp_path / "mitbih_train.csv"))
+  assert x.shape == (12, 187) and list(y) == list(train_labels)
+  unbalanced = data.load_mitbih(str(tmp_path), balance=False)
+  assert unbalanced.x_train.shape == (12, 187, 1) and unbalanced.num_classes == 5
+  raw = np.loadtxt(tmp_path / "mitbih_train.csv", delimiter=",")[:, :187]
+  np.testing.assert_allclose(unbalanced.x_train[..., 0], (raw - raw.mean()) / raw.std(), rtol=1e-4, atol=1e-5)
+  # Balanced as in the study: Normal beats (0) cut to the smallest other class (1 example of 3 or 4).
+  ds = data.load_dataset("mitbih", data_dir=str(tmp_path))
+  assert np.sum(ds.y_train == 0) == 1 and np.sum(ds.y_train == 2) == 2 and len(ds.y_train) == 7
+  assert np.sum(ds.y_test == 0) == 1 and len(ds.y_test) == 5
+  with pytest.raises(data.DatasetError, match="mitbih_train.csv"):
+    data.load_dataset("mitbih", data_dir=str(tmp_path / "nowhere"))
+  (tmp_path / "bad").mkdir()
+  np.savetxt(tmp_path / "bad" / "mitbih_train.csv", np.zeros((2, 10)), delimiter=",")
+  np.savetxt(tmp_path / "bad" / "mitbih_test.csv", np.zeros((2, 10)), delimiter=",")
+  with pytest.raises(data.DatasetError, match="expected 188 columns"):
+    data.load_mitbih(str(tmp_path / "bad"))
+
+
+def write_tudataset(directory, name, graphs):
+  """graphs: list of (num_nodes, undirected edge list (0-based, local), node labels, graph label)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  a_lines, indicator, node_labels, graph_labels, offset = [], [], [], [], 0
+  for g, (size, edges, labels, label) in enumerate(graphs):
+    for i, j in edges:
+      a_lines += [f"{offset + i + 1}, {offset + j + 1}", f"{offset + j + 1}, {offset + i + 1}"]
+    indicator += [str(g + 1)] * size
+    node_labels += [str(v) for v in labels]
+    graph_labels.append(str(label))
+    offset += size
+  for suffix, lines in (("A", a_lines), ("graph_indicator", indicator), ("node_labels", node_labels),
+                        ("graph_labels", graph_labels)):
+    (directory / f"{name}_{suffix}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_tudataset_text_format_loader(tmp_path):
+  graphs = [
+      (3, [(0, 1), (1, 2)], [0, 2, 0], 1),       # a path
+      (4, [(0, 1), (1, 2), (2, 3), (3, 0)], [1, 1, 1, 1], 0),  # a square
+      (2, [(0, 1)], [2, 0], 1),
+      (3, [], [0, 0, 0], 0),                      # no edges
+  ]
+  write_tudataset(tmp_path / "Mutagenicity", "Mutagenicity", graphs)
+  x, y = data.read_tudataset(str(tmp_path / "Mutagenicity"), "Mutagenicity")
+  assert list(y) == [1, 0, 1, 0]
+  assert x["nodes"].shape == (4, 4, 4)  # 3 node-label values one-hot + degree
+  assert x["edges"].shape == (4, 8, 2) and x["edge_mask"].sum(1).tolist() == [4, 8, 2, 0]
+  np.testing.assert_array_equal(x["node_mask"][0], [1, 1, 1, 0])
+  # Graph 0: node labels 0, 2, 0 -> one-hot columns 0, 2, 0; degrees 1, 2, 1.
+  np.testing.assert_array_equal(x["nodes"][0, :3, :3], [[1, 0, 0], [0, 0, 1], [1, 0, 0]])
+  np.testing.assert_allclose(x["nodes"][0, :3, 3], [0.25, 0.5, 0.25])
+  assert np.all(x["nodes"][0, 3] == 0)
+  # Edges are local to their graph (0-based), both directions.
+  local = {tuple(e) for e, m in zip(x["edges"][1], x["edge_mask"][1]) if m}
+  assert local == {(0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2), (3, 0), (0, 3)}
+  # The loader (through the name or tu:NAME) splits the graphs, stratified by label.
+  ds = data.load_dataset("mutagenicity", data_dir=str(tmp_path), seed=0)
+  assert ds.num_classes == 2 and len(ds.y_train) + len(ds.y_test) == 4 and ds.input_shape == (4, 4)
+  assert sorted(ds.y_test.tolist()) == [0, 1]
+  same = data.load_dataset("tu:Mutagenicity", data_dir=str(tmp_path / "Mutagenicity"), seed=0)
+  np.testing.assert_array_equal(same.x_train["edges"], ds.x_train["edges"])
+  with pytest.raises(data.DatasetError, match="Mutagenicity_A.txt"):
+    data.load_dataset("mutagenicity", data_dir=str(tmp_path / "nowhere"))
+
+
+def test_tudataset_graphs_run_through_the_gcn(tmp_path):
+  import jax
+  from sam_optax.experiments import models
+
+  graphs = [(3, [(0, 1), (1, 2)], [0, 1, 0], 1), (2, [(0, 1)], [1, 1], 0)]
+  write_tudataset(tmp_path, "DS", graphs)
+  x, _ = data.read_tudataset(str(tmp_path), "DS")
+  model = models.get_model("gcn", 2)
+  variables = model.init(jax.random.key(0), x)
+  assert model.apply(variables, x).shape == (2, 2)

@@ -15,6 +15,12 @@ name                        source
 ``synthetic_sequences``     generated sequences (seeded) for the transformer
 ``synthetic_graphs``        generated graphs (seeded) for the GCN: no real graph set is
                             available offline
+``mitbih``                  the MIT-BIH arrhythmia heartbeats (the SAM study's ECG set) from
+                            ``mitbih_train.csv`` / ``mitbih_test.csv`` in ``data_dir`` (the
+                            public CSVs: 187 samples and a label per row, no header)
+``mutagenicity``,           a TUDataset in its text format in ``data_dir`` (``DS_A.txt``,
+``tu:NAME``                 ``DS_graph_indicator.txt``, ``DS_graph_labels.txt``,
+                            ``DS_node_labels.txt``); the study's graph set is Mutagenicity
 ==========================  ==================================================================
 """
 
@@ -31,7 +37,7 @@ import numpy as np
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "gunpoint", "italy_power_demand",
-            "synthetic_sequences", "synthetic_graphs")
+            "synthetic_sequences", "synthetic_graphs", "mitbih", "mutagenicity")
 
 
 class DatasetError(ValueError):
@@ -72,9 +78,11 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int):
   for label in np.unique(y):
     index = rng.permutation(np.flatnonzero(y == label))
     cut = int(round(len(index) * test_fraction))
+    if test_fraction > 0 and len(index) > 1:
+      cut = min(max(cut, 1), len(index) - 1)  # every class on both sides when it can be
     test.extend(index[:cut])
     train.extend(index[cut:])
-  return np.sort(np.array(train)), np.sort(np.array(test))
+  return np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64))
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
@@ -305,6 +313,160 @@ def make_synthetic_graphs(seed: int = 0, train_size: int = 400, test_size: int =
                  labels[train_size:], 2, (max_nodes, 3))
 
 
+MITBIH_FILES = ("mitbih_train.csv", "mitbih_test.csv")
+
+
+def read_mitbih_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """One MIT-BIH heartbeat CSV: rows of 187 samples (in [0, 1]) then the class (0..4), no header."""
+  try:
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+  except ValueError as error:
+    raise DatasetError(f"{path}: not a numeric CSV of 187 samples and a label per row ({error})") from error
+  if table.shape[1] != 188:
+    raise DatasetError(f"{path}: expected 188 columns (187 samples + label) per row, found {table.shape[1]}")
+  labels = table[:, -1]
+  if not np.all(labels == np.round(labels)) or labels.min() < 0:
+    raise DatasetError(f"{path}: the last column must hold integer class labels")
+  return table[:, :-1].astype(np.float32), labels.astype(np.int32)
+
+
+def _downsample_class(x, y, label: int, keep: int, seed: int):
+  index = np.flatnonzero(y == label)
+  if len(index) <= keep:
+    return x, y
+  drop = np.random.default_rng(seed).permutation(index)[keep:]
+  mask = np.ones(len(y), bool)
+  mask[drop] = False
+  return x[mask], y[mask]
+
+
+def load_mitbih(data_dir: Optional[str], seed: int = 0, train_size: Optional[int] = None,
+                test_size: Optional[int] = None, balance: bool = True) -> Dataset:
+  """The MIT-BIH arrhythmia heartbeats (Kachuee et al. 2018's CSVs), as the SAM study used them.
+
+  ``balance=True`` down-samples the Normal class (label 0) of each split to the
+  size of the split's smallest other class, as the study did (19,659 of the
+  109,446 beats). Inputs are (187, 1) series, standardised with the training
+  mean and standard deviation.
+  """
+  if not data_dir or not all(os.path.exists(os.path.join(data_dir, f)) for f in MITBIH_FILES):
+    raise DatasetError(
+        f"MIT-BIH heartbeats: put {' and '.join(MITBIH_FILES)} (the public 'ECG Heartbeat Categorization' "
+        f"CSVs, 187 samples + label per row) in a folder and pass --data-dir "
+        f"(looked in {data_dir or 'no --data-dir'})")
+  (x_train, y_train), (x_test, y_test) = (read_mitbih_csv(os.path.join(data_dir, f)) for f in MITBIH_FILES)
+  if balance:
+    for split, (x, y) in enumerate(((x_train, y_train), (x_test, y_test))):
+      others = [int(np.sum(y == c)) for c in np.unique(y) if c != 0]
+      if others:
+        x, y = _downsample_class(x, y, 0, min(others), seed + split)
+      if split == 0:
+        x_train, y_train = x, y
+      else:
+        x_test, y_test = x, y
+  x_train, y_train = _subset(x_train, y_train, train_size, seed)
+  x_test, y_test = _subset(x_test, y_test, test_size, seed + 1)
+  num_classes = int(max(y_train.max(), y_test.max())) + 1
+  x_train, x_test = _standardise(x_train[..., None], x_test[..., None])
+  return Dataset("mitbih", x_train, y_train, x_test, y_test, max(num_classes, 5), x_train.shape[1:])
+
+
+def _read_ints(path: str, columns: int) -> np.ndarray:
+  try:
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+  except ValueError as error:
+    raise DatasetError(f"{path}: expected {columns} comma-separated integer(s) per line ({error})") from error
+  if table.shape[1] != columns:
+    raise DatasetError(f"{path}: expected {columns} integer(s) per line, found {table.shape[1]}")
+  return table if columns > 1 else table[:, 0]
+
+
+def read_tudataset(directory: str, name: str) -> tuple[dict, np.ndarray]:
+  """A TUDataset in its text format, as padded graphs for :class:`~sam_optax.experiments.models.GCN`.
+
+  Files (1-based node and graph ids): ``{name}_A.txt`` (one directed edge
+  ``i, j`` per line; undirected graphs list both directions),
+  ``{name}_graph_indicator.txt`` (node i's graph), ``{name}_graph_labels.txt``
+  (one label per graph) and, if present, ``{name}_node_labels.txt`` (one
+  integer label per node, one-hot encoded). Node features are the one-hot node
+  label and the degree divided by 4. Graph labels are mapped to ``0..C-1`` in
+  sorted order (e.g. -1/1 -> 0/1).
+
+  Returns:
+    ``(graphs, labels)``: ``graphs`` has ``nodes`` (G, N, F), ``edges`` (G, E, 2),
+    ``node_mask`` (G, N) and ``edge_mask`` (G, E), padded to the largest graph.
+  """
+  path = lambda suffix: os.path.join(directory, f"{name}_{suffix}.txt")
+  required = [path(s) for s in ("A", "graph_indicator", "graph_labels")]
+  missing = [p for p in required if not os.path.exists(p)]
+  if missing:
+    raise DatasetError(f"TUDataset {name}: missing {', '.join(missing)}; download {name}.zip from "
+                       f"the TUDataset collection (chrsmrrs.github.io/datasets), unpack it and pass --data-dir")
+  edges = _read_ints(path("A"), 2) - 1
+  indicator = _read_ints(path("graph_indicator"), 1) - 1
+  graph_labels = _read_ints(path("graph_labels"), 1)
+  num_graphs, num_nodes = len(graph_labels), len(indicator)
+  if indicator.min() < 0 or indicator.max() >= num_graphs or np.any(np.diff(indicator) < 0):
+    raise DatasetError(f"{path('graph_indicator')}: graph ids must be 1..{num_graphs} in non-decreasing order")
+  if edges.size and (edges.min() < 0 or edges.max() >= num_nodes):
+    raise DatasetError(f"{path('A')}: node ids must be 1..{num_nodes}")
+  if edges.size and np.any(indicator[edges[:, 0]] != indicator[edges[:, 1]]):
+    raise DatasetError(f"{path('A')}: an edge joins two different graphs")
+  if os.path.exists(path("node_labels")):
+    node_labels = _read_ints(path("node_labels"), 1)
+    if len(node_labels) != num_nodes:
+      raise DatasetError(f"{path('node_labels')}: {len(node_labels)} labels for {num_nodes} nodes")
+    values = np.unique(node_labels)
+    one_hot = np.eye(len(values), dtype=np.float32)[np.searchsorted(values, node_labels)]
+  else:
+    one_hot = np.ones((num_nodes, 1), np.float32)
+  first_node = np.searchsorted(indicator, np.arange(num_graphs))
+  sizes = np.bincount(indicator, minlength=num_graphs)
+  edge_graph = indicator[edges[:, 0]] if edges.size else np.zeros(0, np.int64)
+  edge_counts = np.bincount(edge_graph, minlength=num_graphs)
+  max_nodes, max_edges = int(max(sizes.max(), 1)), int(max(edge_counts.max(), 1))
+  features = one_hot.shape[1] + 1
+  nodes = np.zeros((num_graphs, max_nodes, features), np.float32)
+  padded_edges = np.zeros((num_graphs, max_edges, 2), np.int32)
+  node_mask = np.zeros((num_graphs, max_nodes), np.float32)
+  edge_mask = np.zeros((num_graphs, max_edges), np.float32)
+  degree = np.bincount(edges[:, 1], minlength=num_nodes) if edges.size else np.zeros(num_nodes)
+  order = np.argsort(edge_graph, kind="stable")
+  edge_starts = np.concatenate([[0], np.cumsum(edge_counts)])
+  for g in range(num_graphs):
+    lo, size = first_node[g], sizes[g]
+    nodes[g, :size, :-1] = one_hot[lo:lo + size]
+    nodes[g, :size, -1] = degree[lo:lo + size] / 4.0
+    node_mask[g, :size] = 1.0
+    local = edges[order[edge_starts[g]:edge_starts[g + 1]]] - lo
+    padded_edges[g, :len(local)] = local
+    edge_mask[g, :len(local)] = 1.0
+  classes = np.unique(graph_labels)
+  labels = np.searchsorted(classes, graph_labels).astype(np.int32)
+  return {"nodes": nodes, "edges": padded_edges, "node_mask": node_mask, "edge_mask": edge_mask}, labels
+
+
+def load_tudataset(name: str, data_dir: Optional[str], seed: int = 0, test_fraction: float = 0.2,
+                   train_size: Optional[int] = None, test_size: Optional[int] = None) -> Dataset:
+  """A TUDataset (text format) from ``data_dir`` or ``data_dir/name``, with a seeded stratified split.
+
+  TUDatasets have no official split; like PyTorch Geometric's examples we hold
+  out a seeded ``test_fraction`` of the graphs (stratified by label).
+  """
+  if not data_dir:
+    raise DatasetError(f"TUDataset {name}: pass --data-dir with {name}_A.txt, {name}_graph_indicator.txt, "
+                       f"{name}_graph_labels.txt and {name}_node_labels.txt (from {name}.zip of the "
+                       f"TUDataset collection)")
+  directory = os.path.join(data_dir, name) if os.path.isdir(os.path.join(data_dir, name)) else data_dir
+  graphs, labels = read_tudataset(directory, name)
+  train, test = _stratified_split(labels, test_fraction, seed)
+  split = lambda index: {k: v[index] for k, v in graphs.items()}
+  x_train, y_train = _subset(split(train), labels[train], train_size, seed)
+  x_test, y_test = _subset(split(test), labels[test], test_size, seed + 1)
+  return Dataset(name.lower(), x_train, y_train, x_test, y_test, int(labels.max()) + 1,
+                 graphs["nodes"].shape[1:])
+
+
 def load_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
                  train_size: Optional[int] = None, test_size: Optional[int] = None) -> Dataset:
   """Loads the dataset called ``name`` (one of ``DATASETS``).
@@ -336,6 +498,11 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
     return make_synthetic_sequences(seed, **sizes)
   if name == "synthetic_graphs":
     return make_synthetic_graphs(seed, **sizes)
+  if name == "mitbih":
+    return load_mitbih(data_dir, seed, train_size, test_size)
+  if name == "mutagenicity" or name.startswith("tu:"):
+    return load_tudataset("Mutagenicity" if name == "mutagenicity" else name[3:], data_dir, seed,
+                          train_size=train_size, test_size=test_size)
   raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
