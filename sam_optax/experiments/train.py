@@ -8,12 +8,21 @@ schedule and weight decay. Runs are deterministic for a seed: the data order
 of epoch ``e`` and the dropout key of step ``t`` are functions of ``(seed, e)``
 and ``(seed, t)``, so a run resumed from a checkpoint continues on the same
 trajectory.
+
+With a sharpness-aware optimizer the loop also logs the sharpness SAM
+minimises, ``L(w + eps) - L(w)`` (Foret et al. 2021, eq. 1), for free: the
+perturbation is built with ``value_and_grad=True`` so its second pass returns
+``L(w + eps)`` (``perturbed_loss`` in the optimizer state) next to the gradient,
+and the first pass gives ``L(w)``. :func:`train_sweep` trains one optimizer at
+several radii rho in one compiled program (``jax.vmap`` of the train step over
+rho) when the installed ``sam_optax`` accepts a traced rho.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -51,6 +60,9 @@ class TrainConfig:
     lr: peak learning rate of the cosine schedule (``None``: per base).
     weight_decay: decoupled from the perturbation, applied in the chain after it.
     seed: seeds the initialisation, the data order and dropout.
+    group_size: m-sharpness: one perturbation per group of ``group_size``
+      examples of the batch (Foret et al. 2021, section 4.1); ``None``: one
+      perturbation for the whole batch.
   """
 
   optimizer: str = "sam"
@@ -66,6 +78,7 @@ class TrainConfig:
   lr: Optional[float] = None
   weight_decay: float = 5e-4
   seed: int = 0
+  group_size: Optional[int] = None
 
   @property
   def base_name(self) -> str:
@@ -135,10 +148,51 @@ def make_eval_loss_fn(model, batch_stats) -> Callable[[Any, Any], jax.Array]:
   return loss
 
 
+def perturbation_supports(option: str) -> bool:
+  """Whether the installed ``sam_optax.sam_perturb`` takes keyword ``option``."""
+  return option in inspect.signature(sam_optax.sam_perturb).parameters
+
+
+@functools.lru_cache(maxsize=None)
+def traced_rho_supported() -> bool:
+  """Whether ``sam_perturb(grad_fn, rho=traced)`` traces (needed to vmap a step over rho)."""
+
+  def update(rho):
+    tx = sam_optax.sam_perturb(lambda params: params, rho=rho)
+    params = jnp.ones(3)
+    return tx.update(params, tx.init(params), params)[0]
+
+  try:
+    jax.eval_shape(update, jnp.float32(0.1))
+  except Exception:  # pylint: disable=broad-except  # concretization errors of older versions
+    return False
+  return True
+
+
+def make_value_and_grad_fn(loss_fn) -> Callable[..., Any]:
+  """``grad_fn(params, batch, batch_stats, dropout_rng) -> (loss, gradient)`` of a Linen loss.
+
+  Like ``sam_optax.flax_utils.make_linen_grad_fn`` (the perturbed pass's batch
+  statistics are discarded) but also returning the loss, for
+  ``value_and_grad=True`` perturbations.
+  """
+
+  def grad_fn(params, batch, batch_stats=None, dropout_rng=None):
+    return jax.value_and_grad(lambda p: loss_fn(p, batch, batch_stats, dropout_rng)[0])(params)
+
+  return grad_fn
+
+
 def build_optimizer(
-    config: TrainConfig, grad_fn: Callable[..., Any], total_steps: int
+    config: TrainConfig, grad_fn: Callable[..., Any], total_steps: int, *, rho: Any = None,
+    value_and_grad: bool = False,
 ) -> optax.GradientTransformation:
-  """The optax chain of a run: [perturbation] -> weight decay -> base optimizer."""
+  """The optax chain of a run: [perturbation] -> weight decay -> base optimizer.
+
+  ``rho`` overrides ``config.radius`` and may be a traced scalar (a rho sweep
+  under ``jax.vmap``). ``value_and_grad=True``: ``grad_fn`` returns ``(loss,
+  gradient)`` and the perturbation's state records ``perturbed_loss``.
+  """
   if config.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
   if config.base_name not in BASE_OPTIMIZERS:
@@ -149,21 +203,30 @@ def build_optimizer(
   else:
     base = optax.adam(schedule)
   members = []
-  rho = config.radius
+  rho = config.radius if rho is None else rho
+  options = {}
+  if value_and_grad:
+    options["value_and_grad"] = True
+  if config.group_size is not None:
+    if config.group_size < 1:
+      raise ValueError(f"group_size must be a positive number of examples, got {config.group_size}")
+    if config.optimizer in SHARPNESS_AWARE and not perturbation_supports("group_size"):
+      raise ValueError("group_size (m-sharpness) needs a sam_optax whose *_perturb take group_size=")
+    options["group_size"] = config.group_size
   if config.optimizer == "sam":
-    members.append(sam_optax.sam_perturb(grad_fn, rho=rho))
+    members.append(sam_optax.sam_perturb(grad_fn, rho=rho, **options))
   elif config.optimizer == "asam":
-    members.append(sam_optax.sam_perturb(grad_fn, rho=rho, adaptive=True))
+    members.append(sam_optax.sam_perturb(grad_fn, rho=rho, adaptive=True, **options))
   elif config.optimizer == "fsam":
-    members.append(sam_optax.fsam_perturb(grad_fn, rho=rho, sigma=config.sigma, lmbda=config.lmbda))
+    members.append(sam_optax.fsam_perturb(grad_fn, rho=rho, sigma=config.sigma, lmbda=config.lmbda, **options))
   elif config.optimizer == "gsam":
     rho_schedule = sam_optax.rho_schedule_from_learning_rate(
         schedule, rho_max=rho, rho_min=0.1 * rho, lr_max=config.learning_rate, lr_min=0.0
     )
-    members.append(sam_optax.gsam_perturb(grad_fn, rho=rho_schedule, alpha=config.gsam_alpha))
+    members.append(sam_optax.gsam_perturb(grad_fn, rho=rho_schedule, alpha=config.gsam_alpha, **options))
   elif config.optimizer == "looksam":
     members.append(
-        sam_optax.looksam_perturb(grad_fn, rho=rho, k=config.looksam_k, alpha=config.looksam_alpha)
+        sam_optax.looksam_perturb(grad_fn, rho=rho, k=config.looksam_k, alpha=config.looksam_alpha, **options)
     )
   if config.weight_decay:
     members.append(optax.add_decayed_weights(config.weight_decay))
@@ -197,12 +260,15 @@ def epoch_batches(x, y, batch_size: int, seed: int, epoch: int) -> Iterator[dict
     yield {"x": take(x, index), "y": y[index]}
 
 
-def make_train_step(model, tx, loss_fn):
-  """``step(state, batch, dropout_key, full_step=None) -> (state, loss)``.
+def make_train_step(model, tx, loss_fn, *, log_sharpness: bool = False):
+  """``step(state, batch, dropout_key, full_step=None) -> (state, metrics)``.
 
   Pass 1 (at ``w``) keeps its BatchNorm statistics; pass 2 (inside
-  ``tx.update``) sees the same batch, statistics and dropout rng.
+  ``tx.update``) sees the same batch, statistics and dropout rng. ``metrics``
+  has the batch loss ``L(w)`` and, with ``log_sharpness`` (the perturbation
+  built with ``value_and_grad=True``), ``sharpness = L(w + eps) - L(w)``.
   """
+  del model
 
   def step(state: TrainState, batch, dropout_key, full_step=None):
     dropout_rng = jax.random.fold_in(dropout_key, state.step)
@@ -215,7 +281,10 @@ def make_train_step(model, tx, loss_fn):
       extra["full_step"] = full_step
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, new_stats, opt_state, state.step + 1), loss
+    metrics = {"loss": loss}
+    if log_sharpness:
+      metrics["sharpness"] = optax.tree_utils.tree_get(opt_state, "perturbed_loss") - loss
+    return TrainState(params, new_stats, opt_state, state.step + 1), metrics
 
   return step
 
@@ -245,6 +314,83 @@ def evaluate(model, params, batch_stats, x, y, batch_size: int = 512) -> tuple[f
   return total_loss / n, correct / n
 
 
+def _logs_sharpness(config: TrainConfig) -> bool:
+  return config.optimizer in SHARPNESS_AWARE and perturbation_supports("value_and_grad")
+
+
+def _compile_steps(step, state, example, dropout_key, config: TrainConfig, transform=None):
+  """Compiled step(s) ahead of time (timings exclude compilation); ``run(state, batch, t)``.
+
+  LookSAM gets its two programs (full and cheap step) from a static host-side
+  phase. ``transform`` (e.g. a vmap over rho) wraps the step before jit.
+  """
+  transform = transform or (lambda f: f)
+  if config.optimizer == "looksam":
+    compiled = {
+        phase: jax.jit(transform(functools.partial(step, full_step=phase))).lower(
+            state, example, dropout_key).compile()
+        for phase in (True, False)
+    }
+    return lambda s, b, t: compiled[t % config.looksam_k == 0](s, b, dropout_key)
+  compiled_step = jax.jit(transform(step)).lower(state, example, dropout_key).compile()
+  return lambda s, b, t: compiled_step(s, b, dropout_key)
+
+
+def _loop(state, run_step, x_train, y_train, config: TrainConfig, *, histories: list, first_epoch: int,
+          evaluate_fn, bar, checkpointer=None) -> tuple[Any, list]:
+  """The epoch loop shared by :func:`train` (one run) and :func:`train_sweep` (runs stacked on axis 0).
+
+  ``evaluate_fn(state) -> [(loss, acc) per run]`` or None. Each history record
+  holds the epoch's mean batch loss, mean sharpness (if logged), steps/s and
+  the evaluation. Returns ``(state, per-epoch seconds per step)``.
+  """
+  n = num_examples(x_train)
+  steps_per_epoch = n // config.batch_size
+  epoch_step_seconds = []
+  for epoch in range(first_epoch, config.epochs):
+    epoch_start = time.perf_counter()
+    metrics = []
+    for i, batch in enumerate(epoch_batches(x_train, y_train, config.batch_size, config.seed, epoch)):
+      state, step_metrics = run_step(state, batch, epoch * steps_per_epoch + i)
+      metrics.append(step_metrics)
+      if bar is not None:
+        bar.update(1)
+    # Epoch means per run (blocks until the epoch is done).
+    means = {k: np.atleast_1d(np.asarray(jnp.mean(jnp.stack([m[k] for m in metrics]), axis=0)))
+             for k in metrics[0]}
+    elapsed = time.perf_counter() - epoch_start
+    epoch_step_seconds.append(elapsed / steps_per_epoch)
+    evaluations = evaluate_fn(state) if evaluate_fn is not None else None
+    for r, history in enumerate(histories):
+      record = {"epoch": epoch + 1, "train_batch_loss": float(means["loss"][r]),
+                "steps_per_second": steps_per_epoch / elapsed}
+      if "sharpness" in means:
+        record["sharpness"] = float(means["sharpness"][r])
+      if evaluations is not None:
+        record["test_loss"], record["test_acc"] = evaluations[r]
+      history.append(record)
+    if bar is not None:
+      record = histories[0][-1]
+      postfix = {"epoch": f"{epoch + 1}/{config.epochs}", "loss": f"{record['train_batch_loss']:.3f}",
+                 "steps/s": f"{record['steps_per_second']:.0f}"}
+      if "sharpness" in record:
+        postfix["sharp"] = f"{record['sharpness']:.2g}"
+      if "test_acc" in record:
+        postfix["eval_acc" if len(histories) > 1 else "test_acc"] = f"{record['test_acc']:.3f}"
+      bar.set_postfix(postfix)
+    if checkpointer is not None:
+      checkpointer.save(state, epoch + 1, histories[0])
+  return state, epoch_step_seconds
+
+
+def _progress_bar(progress: bool, total: int, initial: int, description: str):
+  if not progress:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  return tqdm(total=total, initial=initial, desc=description, unit="step", leave=True, dynamic_ncols=True)
+
+
 def train(
     model,
     x_train,
@@ -264,15 +410,19 @@ def train(
     x_train, y_train: inputs (an array or a pytree of arrays with a leading
       example axis) and int labels.
     config: the run's hyper-parameters.
-    x_test, y_test: evaluated after every epoch for the history, if given.
-    progress: show a tqdm progress bar (epoch, loss, accuracy, steps/s).
+    x_test, y_test: evaluated after every epoch for the history, if given
+      (the study passes its validation split here, never the test set).
+    progress: show a tqdm progress bar (epoch, loss, sharpness, accuracy, steps/s).
     description: the progress bar's label.
     checkpointer: an object with ``restore(state) -> (state, epoch) | None``
       and ``save(state, epoch)`` (see :mod:`sam_optax.experiments.checkpoint`);
       the run resumes from the latest checkpoint and saves after each epoch.
 
   Returns:
-    A :class:`TrainResult`.
+    A :class:`TrainResult`. Each history record has ``epoch``,
+    ``train_batch_loss``, ``steps_per_second``, ``sharpness`` (the epoch's mean
+    ``L(w + eps) - L(w)``, sharpness-aware optimizers only) and, with a test
+    set, ``test_loss`` and ``test_acc``.
   """
   start_time = time.perf_counter()
   n = num_examples(x_train)
@@ -281,7 +431,9 @@ def train(
   steps_per_epoch = n // config.batch_size
   total_steps = steps_per_epoch * config.epochs
   loss_fn = make_loss_fn(model)
-  tx = build_optimizer(config, make_linen_grad_fn(loss_fn), total_steps)
+  log_sharpness = _logs_sharpness(config)
+  grad_fn = make_value_and_grad_fn(loss_fn) if log_sharpness else make_linen_grad_fn(loss_fn)
+  tx = build_optimizer(config, grad_fn, total_steps, value_and_grad=log_sharpness)
   state = init_state(model, tx, take(x_train, np.arange(min(2, n))), config.seed)
   first_epoch = 0
   history: list = []
@@ -289,54 +441,138 @@ def train(
     restored = checkpointer.restore(state)
     if restored is not None:
       state, first_epoch, history = restored
-  step = make_train_step(model, tx, loss_fn)
+  step = make_train_step(model, tx, loss_fn, log_sharpness=log_sharpness)
   dropout_key = jax.random.key(config.seed + 2)
   example = next(epoch_batches(x_train, y_train, config.batch_size, config.seed, 0))
-  # Compile ahead of time so that step timings exclude compilation. LookSAM
-  # gets its two programs (full and cheap step) from a static host-side phase.
-  if config.optimizer == "looksam":
-    jitted = jax.jit(step, static_argnames="full_step")
-    compiled = {
-        phase: jitted.lower(state, example, dropout_key, full_step=phase).compile()
-        for phase in (True, False)
-    }
-    run_step = lambda s, b, t: compiled[t % config.looksam_k == 0](s, b, dropout_key)
-  else:
-    compiled_step = jax.jit(step).lower(state, example, dropout_key).compile()
-    run_step = lambda s, b, t: compiled_step(s, b, dropout_key)
-
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
-    bar = tqdm(total=total_steps, initial=first_epoch * steps_per_epoch,
-               desc=description or config.optimizer, unit="step", leave=True, dynamic_ncols=True)
-  epoch_step_seconds = []
-  for epoch in range(first_epoch, config.epochs):
-    epoch_start = time.perf_counter()
-    losses = []
-    for i, batch in enumerate(epoch_batches(x_train, y_train, config.batch_size, config.seed, epoch)):
-      state, loss = run_step(state, batch, epoch * steps_per_epoch + i)
-      losses.append(loss)
-      if bar is not None:
-        bar.update(1)
-    mean_loss = float(jnp.mean(jnp.stack(losses)))  # blocks until the epoch is done
-    elapsed = time.perf_counter() - epoch_start
-    epoch_step_seconds.append(elapsed / steps_per_epoch)
-    record = {"epoch": epoch + 1, "train_batch_loss": mean_loss, "steps_per_second": steps_per_epoch / elapsed}
-    if x_test is not None:
-      record["test_loss"], record["test_acc"] = evaluate(model, state.params, state.batch_stats, x_test, y_test)
-    history.append(record)
-    if bar is not None:
-      postfix = {"epoch": f"{epoch + 1}/{config.epochs}", "loss": f"{mean_loss:.3f}",
-                 "steps/s": f"{record['steps_per_second']:.0f}"}
-      if "test_acc" in record:
-        postfix["test_acc"] = f"{record['test_acc']:.3f}"
-      bar.set_postfix(postfix)
-    if checkpointer is not None:
-      checkpointer.save(state, epoch + 1, history)
+  run_step = _compile_steps(step, state, example, dropout_key, config)
+  evaluate_fn = None
+  if x_test is not None:
+    evaluate_fn = lambda s: [evaluate(model, s.params, s.batch_stats, x_test, y_test)]
+  bar = _progress_bar(progress, total_steps, first_epoch * steps_per_epoch, description or config.optimizer)
+  state, epoch_step_seconds = _loop(state, run_step, x_train, y_train, config, histories=[history],
+                                    first_epoch=first_epoch, evaluate_fn=evaluate_fn, bar=bar,
+                                    checkpointer=checkpointer)
   if bar is not None:
     bar.close()
   seconds = time.perf_counter() - start_time
   step_seconds = float(np.median(epoch_step_seconds)) if epoch_step_seconds else float("nan")
   return TrainResult(state, history, seconds, step_seconds)
+
+
+class SweepResult(NamedTuple):
+  """The runs of :func:`train_sweep`, in the order of ``rhos``."""
+
+  results: list  # one TrainResult per rho
+  vmapped: bool  # True: one program trained every rho (jax.vmap over rho)
+  seconds: float  # wall time of the whole sweep, compilation included
+  note: str  # why the sweep ran sequentially, if it did
+
+
+def unstack(tree: Any, index: int) -> Any:
+  """Run ``index`` of a state whose arrays are stacked on axis 0."""
+  return jax.tree.map(lambda a: a[index], tree)
+
+
+def train_sweep(
+    model,
+    x_train,
+    y_train,
+    config: TrainConfig,
+    rhos,
+    *,
+    x_eval=None,
+    y_eval=None,
+    vmap: bool = True,
+    progress: bool = True,
+    description: Optional[str] = None,
+) -> SweepResult:
+  """Trains ``config`` once per radius in ``rhos``; one compiled program for all of them if it can.
+
+  With ``vmap=True``, a sharpness-aware ``config.optimizer`` and a
+  ``sam_optax`` whose perturbations accept a traced rho, the train step is
+  ``jax.vmap``-ed over the vector ``rhos``: every run starts from the same
+  initialisation (the seed's), sees the same batches and dropout keys, and
+  equals the separate run ``train(..., dataclasses.replace(config, rho=r))``
+  up to float rounding. Otherwise (or if tracing fails) the runs are
+  sequential calls of :func:`train`.
+
+  Args:
+    model, x_train, y_train, config: as for :func:`train`; ``config.rho`` is ignored.
+    rhos: the radii.
+    x_eval, y_eval: evaluated after every epoch for every run (the history's
+      ``test_loss``/``test_acc``): pass a validation split to choose rho.
+    vmap: try the single vmapped program.
+    progress, description: one progress bar for the sweep.
+
+  Returns:
+    A :class:`SweepResult`. With vmap, each run's ``seconds`` is the sweep's
+    wall time divided by the number of runs and ``step_seconds`` the time of
+    one vmapped step (all runs) divided by the number of runs.
+  """
+  rhos = [float(r) for r in rhos]
+  if not rhos:
+    raise ValueError("rhos must list at least one radius")
+  note = ""
+  if not vmap:
+    note = "vmap disabled"
+  elif config.optimizer not in SHARPNESS_AWARE:
+    note = f"{config.optimizer} has no rho"
+  elif not traced_rho_supported():
+    note = "the installed sam_optax does not accept a traced rho"
+  if not note:
+    try:
+      return _train_vmapped(model, x_train, y_train, config, rhos, x_eval=x_eval, y_eval=y_eval,
+                            progress=progress, description=description)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError, TypeError) as error:
+      note = f"vmap over rho failed ({type(error).__name__}); ran sequentially"
+  start = time.perf_counter()
+  results = [
+      train(model, x_train, y_train, dataclasses.replace(config, rho=rho), x_test=x_eval, y_test=y_eval,
+            progress=progress, description=f"{description or config.optimizer} rho={rho:g}")
+      for rho in rhos
+  ]
+  return SweepResult(results, False, time.perf_counter() - start, note)
+
+
+def _train_vmapped(model, x_train, y_train, config: TrainConfig, rhos, *, x_eval, y_eval, progress,
+                   description) -> SweepResult:
+  start_time = time.perf_counter()
+  n = num_examples(x_train)
+  if config.batch_size > n:
+    raise ValueError(f"batch size {config.batch_size} is larger than the training set ({n})")
+  steps_per_epoch = n // config.batch_size
+  total_steps = steps_per_epoch * config.epochs
+  loss_fn = make_loss_fn(model)
+  log_sharpness = _logs_sharpness(config)
+  grad_fn = make_value_and_grad_fn(loss_fn) if log_sharpness else make_linen_grad_fn(loss_fn)
+  build = lambda rho: build_optimizer(config, grad_fn, total_steps, rho=rho, value_and_grad=log_sharpness)
+  # Same initialisation for every rho (as separate runs with this seed); states stacked on axis 0.
+  single = init_state(model, build(rhos[0]), take(x_train, np.arange(min(2, n))), config.seed)
+  count = len(rhos)
+  state = jax.tree.map(lambda a: jnp.broadcast_to(a, (count,) + a.shape), single)
+  rho_vector = jnp.asarray(rhos, jnp.float32)
+
+  def step(stacked, batch, dropout_key, full_step=None):
+    def one(run_state, rho):
+      return make_train_step(model, build(rho), loss_fn, log_sharpness=log_sharpness)(
+          run_state, batch, dropout_key, full_step)
+    return jax.vmap(one)(stacked, rho_vector)
+
+  dropout_key = jax.random.key(config.seed + 2)
+  example = next(epoch_batches(x_train, y_train, config.batch_size, config.seed, 0))
+  run_step = _compile_steps(step, state, example, dropout_key, config)
+  evaluate_fn = None
+  if x_eval is not None:
+    evaluate_fn = lambda s: [evaluate(model, unstack(s.params, r), unstack(s.batch_stats, r), x_eval, y_eval)
+                             for r in range(count)]
+  label = description or config.optimizer
+  bar = _progress_bar(progress, total_steps, 0, f"{label} rho={','.join(f'{r:g}' for r in rhos)} (vmap)")
+  histories = [[] for _ in rhos]
+  state, epoch_step_seconds = _loop(state, run_step, x_train, y_train, config, histories=histories,
+                                    first_epoch=0, evaluate_fn=evaluate_fn, bar=bar)
+  if bar is not None:
+    bar.close()
+  seconds = time.perf_counter() - start_time
+  step_seconds = float(np.median(epoch_step_seconds)) / count
+  results = [TrainResult(unstack(state, r), histories[r], seconds / count, step_seconds) for r in range(count)]
+  return SweepResult(results, True, seconds, "")
