@@ -1,4 +1,7 @@
-"""The ``sam-optax`` command line: ``sam-optax compare`` (also ``python -m sam_optax``).
+"""The ``sam-optax`` command line: ``sam-optax compare`` and ``sam-optax study`` (also ``python -m sam_optax``).
+
+``study`` reproduces the SAM study's Table I across its three architectures,
+choosing rho on a validation split (see :mod:`sam_optax.experiments.study`).
 
 Trains the same model with a base optimizer and its sharpness-aware versions on
 a real dataset, then prints a table like Table I of the SAM study (train/test
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SAM radius (default per optimizer: 0.05; asam 0.5)")
   compare.add_argument("--sigma", type=float, default=1.0, help="F-SAM: weight of the removed gradient EMA")
   compare.add_argument("--lmbda", type=float, default=0.9, help="F-SAM: EMA decay in [0, 1)")
+  compare.add_argument("--group-size", type=int, default=None,
+                       help="m-sharpness: one perturbation per group of this many examples of a batch "
+                            "(default: one for the whole batch)")
   compare.add_argument("--epochs", type=int, default=25)
   compare.add_argument("--batch-size", type=int, default=64)
   compare.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.05, adam 1e-3)")
@@ -78,6 +84,47 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument("--checkpoint-dir", default=None,
                        help="save a checkpoint after every epoch and resume from the latest one")
   compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+  study = commands.add_parser(
+      "study",
+      help="reproduce the SAM study's Table I: WideResNet, Transformer and GCN, base vs SAM, rho chosen "
+           "on validation data",
+      description=(
+          "For each of the study's three (architecture, data) pairs -- WideResNet on images, a Transformer "
+          "encoder on time series, a GCN on graphs -- train the study's base optimizer (SGD+momentum, "
+          "SGD+momentum, Adam) and SAM at every rho of a grid, choose rho by accuracy on a validation split "
+          "held out from the training set (never the test set), and write Table I, the study's Figures 2 "
+          "and 3, the rho-selection plot and the Hessian spectral densities."
+      ),
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  study.add_argument("--out", default="runs/study", help="output directory")
+  study.add_argument("--models", default="wrn,attention,gcn", help="comma list from wrn, attention, gcn")
+  study.add_argument("--optimizers", default="sam",
+                     help="sharpness-aware optimizers to add, each with rho chosen from the grid: comma list "
+                          "from sam, asam, fsam, gsam, looksam (asam's default grid is 10x)")
+  study.add_argument("--rho-grid", action="append", default=None, metavar="[MODEL=]R1,R2,...",
+                     help="the rho grid, for every model (0.05,0.5) or one (gcn=0.01,0.05); repeatable. "
+                          "Default: four values per model (wrn 0.05,0.2,0.5,2; attention 0.05,0.2,0.5,1; "
+                          "gcn 0.01,0.05,0.1,0.5)")
+  study.add_argument("--seeds", type=_int_list, default=[0], help="comma list; several give mean ± std")
+  study.add_argument("--full", action="store_true",
+                     help="the study's scale: WRN-28-10 on CIFAR-10 (tfds / Hugging Face / --data-dir), the "
+                          "Transformer on MIT-BIH and the GCN on Mutagenicity (files in --data-dir), long schedules")
+  study.add_argument("--data-dir", default=None,
+                     help="folder with mitbih_train.csv/mitbih_test.csv, Mutagenicity/ (TUDataset text "
+                          "format) and/or cifar-10-batches-py/; sets found there replace the offline defaults")
+  study.add_argument("--epochs", type=int, default=None, help="override every model's epochs")
+  study.add_argument("--train-size", type=int, default=None, help="use only this many training examples per model")
+  study.add_argument("--test-size", type=int, default=None, help="use only this many test examples per model")
+  study.add_argument("--validation-fraction", type=float, default=0.2,
+                     help="fraction of the training set held out to choose rho")
+  study.add_argument("--analysis-examples", type=int, default=ANALYSIS_EXAMPLES,
+                     help="training examples the Hessian and loss landscapes are computed on")
+  study.add_argument("--no-vmap", action="store_true",
+                     help="train the rho grid as sequential runs instead of one vmapped program")
+  study.add_argument("--no-plots", action="store_true", help="do not write the figures (and skip the landscapes)")
+  study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   return parser
 
 
@@ -93,6 +140,39 @@ def _parse_optimizers(text: Optional[str], base: str) -> list[str]:
   return names
 
 
+def validate_study(args: argparse.Namespace):
+  """The study's options as a :class:`~sam_optax.experiments.study.StudyOptions` (UsageError if bad)."""
+  from sam_optax.experiments import study  # pylint: disable=import-outside-toplevel
+  from sam_optax.experiments.train import SHARPNESS_AWARE  # pylint: disable=import-outside-toplevel
+
+  models = [m.strip() for m in args.models.split(",") if m.strip()]
+  unknown = [m for m in models if m not in study.MODEL_KEYS]
+  if unknown or not models or len(set(models)) != len(models):
+    raise UsageError(f"--models must list some of {', '.join(study.MODEL_KEYS)} once each, got {args.models!r}")
+  optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+  bad = [o for o in optimizers if o not in SHARPNESS_AWARE]
+  if bad or not optimizers or len(set(optimizers)) != len(optimizers):
+    raise UsageError(f"--optimizers must list some of {', '.join(SHARPNESS_AWARE)} once each "
+                     f"(the base optimizer is always run), got {args.optimizers!r}")
+  try:
+    grids = study.parse_rho_grid(args.rho_grid)
+  except ValueError as error:
+    raise UsageError(str(error)) from error
+  if not args.seeds:
+    raise UsageError("--seeds needs at least one seed")
+  if not 0 < args.validation_fraction < 1:
+    raise UsageError(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
+  for name in ("epochs", "train_size", "test_size", "analysis_examples"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+  return study.StudyOptions(
+      out=args.out, models=models, optimizers=optimizers, rho_grid=grids, seeds=args.seeds, full=args.full,
+      data_dir=args.data_dir, epochs=args.epochs, train_size=args.train_size, test_size=args.test_size,
+      validation_fraction=args.validation_fraction, analysis_examples=args.analysis_examples,
+      vmap=not args.no_vmap, progress=not args.no_progress, plots=not args.no_plots)
+
+
 def validate(args: argparse.Namespace) -> None:
   if args.rho is not None and not (math.isfinite(args.rho) and args.rho >= 0):
     raise UsageError(f"--rho must be a finite number >= 0, got {args.rho}")
@@ -104,6 +184,14 @@ def validate(args: argparse.Namespace) -> None:
     raise UsageError(f"--label-noise must be a fraction in [0, 1], got {args.label_noise}")
   if args.epochs < 1 or args.batch_size < 1:
     raise UsageError("--epochs and --batch-size must be positive")
+  group_size = getattr(args, "group_size", None)
+  if group_size is not None and (group_size < 1 or args.batch_size % group_size):
+    raise UsageError(f"--group-size must be a positive divisor of --batch-size ({args.batch_size}), got {group_size}")
+  if group_size is not None:
+    from sam_optax.experiments.train import perturbation_supports  # pylint: disable=import-outside-toplevel
+
+    if not perturbation_supports("group_size"):
+      raise UsageError("--group-size needs a sam_optax whose perturbations take group_size= (0.2.0 or later)")
   if args.lr is not None and not args.lr > 0:
     raise UsageError(f"--lr must be > 0, got {args.lr}")
   if args.base not in ("sgd", "adam"):
@@ -133,7 +221,12 @@ def _mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optio
 
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "lambda_max",
-           "lambda_min", "lambda_ratio", "hessian_trace", "seconds", "step_time_ratio")
+           "lambda_min", "lambda_ratio", "hessian_trace", "sharpness", "seconds", "step_time_ratio")
+
+
+def last_epoch_sharpness(history: list) -> Optional[float]:
+  """The last epoch's mean L(w+eps) - L(w) of a run's history (None if not logged)."""
+  return history[-1].get("sharpness") if history else None
 
 
 def summarise(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
@@ -177,7 +270,7 @@ def run_compare(args: argparse.Namespace) -> dict:
       "dataset": args.dataset, "model": model_name, "optimizers": optimizers, "base": args.base,
       "rho": args.rho, "sigma": args.sigma, "lmbda": args.lmbda, "epochs": args.epochs,
       "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-      "label_noise": args.label_noise, "seeds": args.seeds,
+      "label_noise": args.label_noise, "seeds": args.seeds, "group_size": args.group_size,
       "train_size": int(len(dataset.y_train)), "test_size": int(len(dataset.y_test)),
       "backend": jax.default_backend(), "devices": jax.device_count(),
   }
@@ -192,7 +285,7 @@ def run_compare(args: argparse.Namespace) -> dict:
       config = TrainConfig(
           optimizer=name, base=args.base, rho=args.rho, sigma=args.sigma, lmbda=args.lmbda,
           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-          weight_decay=args.weight_decay, seed=seed,
+          weight_decay=args.weight_decay, seed=seed, group_size=args.group_size,
       )
       checkpointer = None
       if args.checkpoint_dir:
@@ -209,7 +302,7 @@ def run_compare(args: argparse.Namespace) -> dict:
       record: dict[str, Any] = {
           "seed": seed, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
           "test_acc": test_acc, "gen_gap": test_loss - train_loss, "seconds": result.seconds,
-          "step_seconds": result.step_seconds,
+          "step_seconds": result.step_seconds, "sharpness": last_epoch_sharpness(result.history),
           "lambda_max": None, "lambda_min": None, "lambda_ratio": None, "hessian_trace": None,
       }
       if not args.no_analysis:
@@ -249,10 +342,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
-    validate(args)
     if args.command == "compare":
+      validate(args)
       _parse_optimizers(args.optimizers, args.base)
       run_compare(args)
+    elif args.command == "study":
+      from sam_optax.experiments.study import run_study  # pylint: disable=import-outside-toplevel
+
+      run_study(validate_study(args))
   except UsageError as error:
     print(f"sam-optax: error: {error}", file=sys.stderr)
     return 2

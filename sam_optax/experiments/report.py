@@ -67,6 +67,7 @@ COLUMNS = [
     ("gen_gap", "gen. gap", "{:.4f}"),
     ("lambda_max", "λmax", "{:.3g}"),
     ("lambda_ratio", "\\|λmax/λmin\\|", "{:.3g}"),
+    ("sharpness", "L(w+ε) − L(w)", "{:.3g}"),
     ("seconds", "wall s", "{:.1f}"),
     ("step_time_ratio", "step time ×base", "{:.2f}"),
 ]
@@ -113,31 +114,48 @@ def write_csv(results: dict, path: str) -> str:
   return path
 
 
-def write_plots(curves: dict, analyses: dict, out_dir: str) -> list[str]:
-  """Training curves, loss landscapes and spectral densities as PNG files."""
-  from sam_optax.analysis import plotting  # pylint: disable=import-outside-toplevel
+def plot_training_curves(curves: dict, path: str, *, eval_label: str = "test") -> str:
+  """Loss, accuracy and (if logged) sharpness per epoch: one colour per run, solid train, dashed eval.
+
+  ``curves``: ``{label: history}`` with the records of :func:`~sam_optax.experiments.train.train`.
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  paths = []
-  figure, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-  for name, history in curves.items():
+  with_sharpness = any(h and "sharpness" in h[0] for h in curves.values())
+  panels = 3 if with_sharpness else 2
+  figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+  ax_loss, ax_acc = axes[0], axes[1]
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for index, (name, history) in enumerate(curves.items()):
+    colour = colours[index % len(colours)]
     epochs = [h["epoch"] for h in history]
-    ax_loss.plot(epochs, [h["train_batch_loss"] for h in history], label=f"{name} train")
+    ax_loss.plot(epochs, [h["train_batch_loss"] for h in history], "-", color=colour, label=f"{name} train")
     if history and "test_loss" in history[0]:
-      ax_loss.plot(epochs, [h["test_loss"] for h in history], "--", label=f"{name} test")
-      ax_acc.plot(epochs, [100 * h["test_acc"] for h in history], label=name)
-  ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-  ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+      ax_loss.plot(epochs, [h["test_loss"] for h in history], "--", color=colour, label=f"{name} {eval_label}")
+      ax_acc.plot(epochs, [100 * h["test_acc"] for h in history], "--", color=colour, label=name)
+    if with_sharpness and history and "sharpness" in history[0]:
+      axes[2].plot(epochs, [h["sharpness"] for h in history], "-", color=colour, label=name)
+  ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title=f"loss (solid: train batches, dashed: {eval_label})")
+  ax_acc.set(xlabel="epoch", ylabel=f"{eval_label} accuracy (%)", title=f"{eval_label} accuracy")
   ax_loss.legend(fontsize=8)
   ax_acc.legend(fontsize=8)
+  if with_sharpness:
+    axes[2].set(xlabel="epoch", ylabel="L(w+ε) − L(w)", title="sharpness (epoch mean of train batches)")
+    axes[2].legend(fontsize=8)
   figure.tight_layout()
-  path = os.path.join(out_dir, "training_curves.png")
   figure.savefig(path, dpi=120)
   plt.close(figure)
-  paths.append(path)
+  return path
+
+
+def write_plots(curves: dict, analyses: dict, out_dir: str) -> list[str]:
+  """Training curves, loss landscapes and spectral densities as PNG files."""
+  from sam_optax.analysis import plotting  # pylint: disable=import-outside-toplevel
+
+  paths = [plot_training_curves(curves, os.path.join(out_dir, "training_curves.png"))]
   with_landscapes = {name: a for name, a in analyses.items() if "surface_1d" in a}
   if with_landscapes:
     paths.append(plotting.plot_loss_surface_1d(
