@@ -48,8 +48,9 @@ def analyse(model, state, dataset, y_train, *, seed: int, examples: int, landsca
   if landscapes:
     key_density, key_x, key_y = jax.random.split(jax.random.fold_in(key, 1), 3)
     out["density"] = analysis.spectral_density(loss_fn, state.params, batches, key=key_density)
-    direction_x = analysis.filter_normalized_direction(state.params, key_x)
-    direction_y = analysis.filter_normalized_direction(state.params, key_y)
+    direction = jax.jit(analysis.filter_normalized_direction)  # one program, not one per op
+    direction_x = direction(state.params, key_x)
+    direction_y = direction(state.params, key_y)
     alphas = np.linspace(-1.0, 1.0, LANDSCAPE_1D_POINTS)
     grid = np.linspace(-1.0, 1.0, LANDSCAPE_2D_POINTS)
     out["surface_1d"] = (alphas, np.asarray(

@@ -145,7 +145,7 @@ def _history_for_json(history: list) -> list:
   return [{rename.get(k, k): v for k, v in record.items()} for record in history]
 
 
-def run_study(options: StudyOptions, *, datasets: Optional[dict] = None,
+def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: Optional[dict] = None,
               on_selected: Optional[Callable[[str, dict], None]] = None,
               log: Callable[[str], None] = print) -> dict:
   """Runs the study and writes every output in ``options.out``; returns study.json's content.
@@ -154,6 +154,8 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None,
     options: the study's options.
     datasets: ``{model key: Dataset}`` to use instead of loading the pair's
       dataset (tests).
+    specs: ``{model key: StudyModel}`` replacing :func:`study_models`'s (tests:
+      smaller networks).
     on_selected: called as ``on_selected(model key, selection)`` once every
       rho of that model is chosen, before its test set is read.
     log: where progress lines go.
@@ -167,7 +169,7 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None,
   from sam_optax.experiments.cli import last_epoch_sharpness, summarise
   from sam_optax.experiments.train import TrainConfig, evaluate, train, train_sweep
 
-  specs = study_models(options.full, options.data_dir)
+  specs = {**study_models(options.full, options.data_dir), **(specs or {})}
   os.makedirs(options.out, exist_ok=True)
   seeds = list(options.seeds)
   sam_like = list(options.optimizers)

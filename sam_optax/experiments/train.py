@@ -235,8 +235,9 @@ def build_optimizer(
 
 
 def init_state(model, tx, example_x, seed: int) -> TrainState:
-  variables = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)},
-                         example_x, train=False)
+  # One compiled program (eager init compiles every op separately).
+  init = jax.jit(lambda keys, x: model.init(keys, x, train=False))
+  variables = init({"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}, example_x)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState(params, batch_stats, tx.init(params), jnp.zeros([], jnp.int32))
@@ -290,25 +291,31 @@ def make_train_step(model, tx, loss_fn, *, log_sharpness: bool = False):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _evaluation_sums(model, params, batch_stats, x, y):
+def _evaluation_sums(model, params, batch_stats, x, y, mask):
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
   logits = model.apply(variables, x, train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-  return losses.sum(), (jnp.argmax(logits, -1) == y).sum()
+  return (losses * mask).sum(), ((jnp.argmax(logits, -1) == y) * mask).sum()
 
 
 def evaluate(model, params, batch_stats, x, y, batch_size: int = 512) -> tuple[float, float]:
   """Mean cross-entropy and accuracy (a fraction) of the eval-mode model.
 
-  Compiled once per model and chunk shape (the model is a static argument).
+  Chunks of ``min(batch_size, N)`` examples, the last one padded (and masked),
+  so a model compiles once per chunk size (the model is a static argument).
   """
   n = num_examples(x)
+  chunk = min(batch_size, n)
   total_loss, correct = 0.0, 0
-  for start in range(0, n, batch_size):
-    index = np.arange(start, min(start + batch_size, n))
-    loss_sum, right = _evaluation_sums(model, params, batch_stats, take(x, index), jnp.asarray(y[index]))
+  for start in range(0, n, chunk):
+    index = np.arange(start, min(start + chunk, n))
+    mask = np.ones(chunk, np.float32)
+    mask[len(index):] = 0.0
+    index = np.concatenate([index, np.full(chunk - len(index), index[0])])
+    loss_sum, right = _evaluation_sums(model, params, batch_stats, take(x, index), jnp.asarray(y[index]),
+                                       jnp.asarray(mask))
     total_loss += float(loss_sum)
     correct += int(right)
   return total_loss / n, correct / n
