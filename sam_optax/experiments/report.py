@@ -26,8 +26,12 @@ def analysis_batches(x, y, examples: int, batch_size: int = 256) -> list[dict]:
   ]
 
 
-def analyse(model, state, dataset, y_train, *, seed: int, examples: int, landscapes: bool) -> dict:
+def analyse(model, state, dataset, y_train, *, seed: int, examples: int, landscapes: bool,
+            surfaces: tuple = ("1d", "2d")) -> dict:
   """Hessian summary (and, if asked, density and loss landscapes) of a trained model.
+
+  With ``landscapes``, ``surfaces`` says which loss surfaces to compute
+  (``"1d"``, ``"2d"``); the spectral density is always computed then.
 
   The loss is the eval-mode training loss (BatchNorm statistics frozen, no
   dropout) on the first ``examples`` training examples, with the labels the
@@ -53,10 +57,12 @@ def analyse(model, state, dataset, y_train, *, seed: int, examples: int, landsca
     direction_y = direction(state.params, key_y)
     alphas = np.linspace(-1.0, 1.0, LANDSCAPE_1D_POINTS)
     grid = np.linspace(-1.0, 1.0, LANDSCAPE_2D_POINTS)
-    out["surface_1d"] = (alphas, np.asarray(
-        analysis.loss_surface_1d(loss_fn, state.params, batches, direction_x, alphas)))
-    out["surface_2d"] = (grid, grid, np.asarray(
-        analysis.loss_surface_2d(loss_fn, state.params, batches, direction_x, direction_y, grid, grid)))
+    if "1d" in surfaces:
+      out["surface_1d"] = (alphas, np.asarray(
+          analysis.loss_surface_1d(loss_fn, state.params, batches, direction_x, alphas)))
+    if "2d" in surfaces:
+      out["surface_2d"] = (grid, grid, np.asarray(
+          analysis.loss_surface_2d(loss_fn, state.params, batches, direction_x, direction_y, grid, grid)))
   return out
 
 

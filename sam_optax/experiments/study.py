@@ -270,7 +270,8 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
             "sharpness": last_epoch_sharpness(result.history),
         }
         analysis = report.analyse(model, state, fit_dataset, y_fit, seed=seed, examples=options.analysis_examples,
-                                  landscapes=seed == seeds[0] and options.plots)
+                                  landscapes=seed == seeds[0] and options.plots,
+                                  surfaces=("2d",) if key in ("wrn", "gcn") else ())
         record.update(analysis["summary"])
         if seed == seeds[0]:
           analyses[name] = analysis
@@ -434,7 +435,7 @@ def write_study_plots(study: dict, curves: dict, analyses: dict, out_dir: str) -
   for key, entry in study["models"].items():
     label = lambda name: (f"{name.upper()}" if entry["runs"][name].get("rho") is None
                           else f"{name.upper()} (ρ={entry['runs'][name]['rho']:g})")
-    model_analyses = {label(name): a for name, a in analyses[key].items() if "surface_2d" in a}
+    model_analyses = {label(name): a for name, a in analyses[key].items() if "density" in a}
     paths.append(plot_training_curves({label(n): h for n, h in curves[key].items()},
                                       os.path.join(out_dir, f"training_curves_{key}.png"),
                                       eval_label="validation"))
@@ -444,12 +445,12 @@ def write_study_plots(study: dict, curves: dict, analyses: dict, out_dir: str) -
         {name: a["density"] for name, a in model_analyses.items()},
         os.path.join(out_dir, f"spectral_density_{key}.png"),
         title=f"{entry['label']}: Hessian eigenvalue density"))
-    surfaces = {name: a["surface_2d"] for name, a in model_analyses.items()}
-    if key == "wrn":
+    surfaces = {name: a["surface_2d"] for name, a in model_analyses.items() if "surface_2d" in a}
+    if key == "wrn" and surfaces:
       paths.append(plot_surfaces_same_scale(
           surfaces, os.path.join(out_dir, "figure2_surfaces.png"),
           title=f"Figure 2: {entry['label']} loss surface (filter-normalized directions, same z scale)"))
-    if key == "gcn":
+    if key == "gcn" and surfaces:
       low = min(float(np.min(z)) for _, _, z in surfaces.values())
       high = max(float(np.max(z)) for _, _, z in surfaces.values())
       levels = np.linspace(low, high, 25) if high > low else 25

@@ -234,10 +234,15 @@ def build_optimizer(
   return optax.chain(*members)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model, keys, x):
+  # One compiled program per model and input shape (eager init compiles every op separately).
+  return model.init(keys, x, train=False)
+
+
 def init_state(model, tx, example_x, seed: int) -> TrainState:
-  # One compiled program (eager init compiles every op separately).
-  init = jax.jit(lambda keys, x: model.init(keys, x, train=False))
-  variables = init({"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}, example_x)
+  variables = _init_variables(model, {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)},
+                              example_x)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState(params, batch_stats, tx.init(params), jnp.zeros([], jnp.int32))
@@ -303,11 +308,11 @@ def _evaluation_sums(model, params, batch_stats, x, y, mask):
 def evaluate(model, params, batch_stats, x, y, batch_size: int = 512) -> tuple[float, float]:
   """Mean cross-entropy and accuracy (a fraction) of the eval-mode model.
 
-  Chunks of ``min(batch_size, N)`` examples, the last one padded (and masked),
-  so a model compiles once per chunk size (the model is a static argument).
+  Chunks of ``batch_size`` examples, the last one padded (and masked), so a
+  model compiles once whatever the set's size (the model is a static argument).
   """
   n = num_examples(x)
-  chunk = min(batch_size, n)
+  chunk = batch_size
   total_loss, correct = 0.0, 0
   for start in range(0, n, chunk):
     index = np.arange(start, min(start + chunk, n))
