@@ -251,12 +251,26 @@ def make_nnx_train_step(loss_fn: Callable[[nnx.Module, Any], jax.Array]) -> Call
 
   Example::
 
-      grad_fn = make_nnx_grad_fn(loss_fn, nnx.graphdef(model))
-      optimizer = nnx.Optimizer(
-          model, optax.chain(sam_optax.sam_perturb(grad_fn, rho=0.05), optax.adam(1e-3)),
-          wrt=nnx.Param)
-      train_step = nnx.jit(make_nnx_train_step(loss_fn))
-      loss = train_step(model, optimizer, batch)
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.dense, self.norm = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+      ...     self.dropout, self.head = nnx.Dropout(0.5, rngs=rngs), nnx.Linear(8, 1, rngs=rngs)
+      ...   def __call__(self, x):
+      ...     return self.head(self.dropout(nnx.relu(self.norm(self.dense(x)))))
+      >>> def loss_fn(model, batch):
+      ...   return jnp.mean((model(batch['x']) - batch['y']) ** 2)
+      >>> model = Net(nnx.Rngs(0))
+      >>> grad_fn = make_nnx_grad_fn(loss_fn, nnx.graphdef(model))
+      >>> optimizer = nnx.Optimizer(
+      ...     model, optax.chain(sam_optax.sam_perturb(grad_fn, rho=0.05), optax.sgd(0.1)),
+      ...     wrt=nnx.Param)
+      >>> train_step = nnx.jit(make_nnx_train_step(loss_fn))
+      >>> batch = {'x': jnp.ones((8, 4)), 'y': jnp.zeros((8, 1))}
+      >>> loss = train_step(model, optimizer, batch)
+      >>> int(model.dropout.rngs.count[...])  # pass 1 drew one mask; pass 2 reused it
+      1
   """
   _check_callable(loss_fn, "make_nnx_train_step")
 
