@@ -26,7 +26,7 @@ gradient)`` like ``jax.value_and_grad``: use it with
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import optax
@@ -132,28 +132,48 @@ def make_linen_train_step(loss_fn: LinenLoss) -> Callable[..., Any]:
   return train_step
 
 
-def nnx_state_snapshot(model: nnx.Module, wrt: Any = nnx.Param) -> nnx.State:
-  """A pure copy of the model's non-optimized state (the ``model_state`` to pass).
+class NNXStateSnapshot(NamedTuple):
+  """A copy of an NNX model's non-optimized state, taken before pass 1.
+
+  Made by :func:`nnx_state_snapshot`; the ``model_state`` that
+  :func:`make_nnx_grad_fn`'s ``grad_fn`` accepts.
+
+  Attributes:
+    state: the ``nnx.State`` of the non-optimized variables (BatchNorm
+      statistics, dropout rng keys and counts) as plain arrays.
+  """
+
+  state: Any
+
+
+def nnx_state_snapshot(model_or_state: Any, wrt: Any = nnx.Param) -> NNXStateSnapshot:
+  """A copy of the model's non-optimized state: the ``model_state`` to pass.
 
   ``nnx.state(model, nnx.Not(nnx.Param))`` holds the model's live
   ``nnx.Variable`` objects: running the model afterwards (pass 1) advances
-  them, so they no longer describe the model *before* pass 1. This returns
-  ``nnx.as_pure`` of that state (plain arrays, a snapshot), to be taken before
-  pass 1.
+  them (the dropout rng count, the BatchNorm statistics), so they no longer
+  describe the model *before* pass 1 — and ``nnx.Optimizer.update`` copies its
+  keyword arguments only when it runs, after pass 1. Take this snapshot before
+  pass 1 instead.
 
   Args:
-    model: the NNX model.
-    wrt: the filter of the optimized variables (``nnx.Optimizer``'s ``wrt``).
-      Default ``nnx.Param``.
+    model_or_state: an NNX model, or (in a functional ``nnx.split`` loop) the
+      ``nnx.State`` of its non-optimized variables.
+    wrt: the filter of the optimized variables (``nnx.Optimizer``'s ``wrt``),
+      used when a model is given. Default ``nnx.Param``.
 
   Returns:
-    ``nnx.as_pure(nnx.state(model, nnx.Not(wrt)))``.
+    ``NNXStateSnapshot(nnx.as_pure(nnx.state(model, nnx.Not(wrt))))``, plain
+    arrays that later runs of the model do not change.
   """
-  return nnx.as_pure(nnx.state(model, nnx.Not(wrt)))
-
-
-def _is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)
+  if isinstance(model_or_state, NNXStateSnapshot):
+    return model_or_state
+  if isinstance(model_or_state, nnx.Module):
+    model_or_state = nnx.state(model_or_state, nnx.Not(wrt))
+  elif not isinstance(model_or_state, (nnx.State, dict)):
+    raise TypeError("nnx_state_snapshot: model_or_state must be an nnx.Module or an nnx.State, "
+                    f"got {type(model_or_state).__name__}.")
+  return NNXStateSnapshot(nnx.as_pure(model_or_state))
 
 
 def make_nnx_grad_fn(
@@ -172,20 +192,21 @@ def make_nnx_grad_fn(
 
   Returns:
     ``grad_fn(params, batch, model_state=None)``: the gradient of
-    ``loss_fn(nnx.merge(graphdef, params, model_state), batch)`` with respect
-    to ``params``, the ``nnx.State`` of the optimized variables (what
+    ``loss_fn(nnx.merge(graphdef, params, model_state.state), batch)`` with
+    respect to ``params``, the ``nnx.State`` of the optimized variables (what
     ``nnx.Optimizer.update`` hands to the transformation). ``model_state`` is
     the rest of the model (BatchNorm statistics, dropout rng counts) as it was
-    *before* pass 1, as plain arrays: :func:`nnx_state_snapshot`. The
-    perturbed pass then sees pass 1's dropout mask and statistics; its own
-    state changes are discarded. ``model_state`` holding ``nnx.Variable``
-    objects (live state, which pass 1 has already advanced) is a
-    ``TypeError``; leaving it out on a model that has such state is a
-    ``ValueError`` naming ``model_state``.
+    *before* pass 1: an :class:`NNXStateSnapshot` from
+    :func:`nnx_state_snapshot`. The perturbed pass then sees pass 1's dropout
+    mask and statistics; its own state changes are discarded.
 
-  :func:`make_nnx_train_step` writes the step that calls it correctly; a
-  functional ``nnx.split`` loop passes the (pure) rest of the split as
-  ``model_state``.
+  Raises (when the step is traced):
+    TypeError: ``model_state`` is not an :class:`NNXStateSnapshot` (for
+      example ``nnx.state(model, nnx.Not(nnx.Param))``, the live state that
+      pass 1 advances: pass 2 would draw another dropout mask).
+    ValueError: ``model_state`` is missing and the model has such state.
+
+  :func:`make_nnx_train_step` writes the step that calls it correctly.
 
   Example::
 
@@ -201,13 +222,14 @@ def make_nnx_grad_fn(
                     "nnx.graphdef(model), not the model itself.")
 
   def grad_fn(params, batch, model_state=None):
-    if model_state is not None and any(
-        _is_variable(x) for x in jax.tree.leaves(model_state, is_leaf=_is_variable)):
+    if model_state is not None and not isinstance(model_state, NNXStateSnapshot):
       raise TypeError(
-          "make_nnx_grad_fn: model_state holds nnx.Variable objects, the model's live state, "
-          "which the first pass has already advanced (dropout rng count, BatchNorm statistics). "
-          "Pass a snapshot taken before pass 1: model_state=nnx_state_snapshot(model) "
-          "(= nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))), or use make_nnx_train_step.")
+          "make_nnx_grad_fn: model_state must be a snapshot of the model's non-parameter state "
+          "taken before pass 1, model_state=nnx_state_snapshot(model), got "
+          f"{type(model_state).__name__}. nnx.state(model, nnx.Not(nnx.Param)) holds the live "
+          "Variables, which pass 1 advances (dropout rng count, BatchNorm statistics), so the "
+          "perturbed pass would draw another dropout mask. make_nnx_train_step(loss_fn) writes "
+          "the whole step; in an nnx.split loop pass nnx_state_snapshot(rest).")
 
     def loss_of_params(p):
       return loss_fn(_merge(graphdef, p, model_state), batch)
@@ -220,7 +242,7 @@ def make_nnx_grad_fn(
 
 def _merge(graphdef, params, model_state):
   if model_state is not None:
-    return nnx.merge(graphdef, params, model_state)
+    return nnx.merge(graphdef, params, model_state.state)
   try:
     return nnx.merge(graphdef, params)
   except ValueError as error:
@@ -240,7 +262,7 @@ def make_nnx_train_step(loss_fn: Callable[[nnx.Module, Any], jax.Array]) -> Call
   Returns ``train_step(model, optimizer, batch) -> loss`` (wrap it in
   ``nnx.jit``)::
 
-      s_0 = nnx_state_snapshot(model, optimizer.wrt)        # pure copy, before pass 1
+      s_0 = nnx_state_snapshot(model, optimizer.wrt)        # a copy, before pass 1
       pass 1:  loss, g = nnx.value_and_grad(loss_fn)(model, batch)   # model's state -> s_1
       pass 2:  g_sam = grad of loss_fn at (w + eps(g), s_0)          # inside optimizer.update
       optimizer.update(model, g, batch=batch, model_state=s_0)
