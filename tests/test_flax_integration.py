@@ -202,16 +202,18 @@ def by_hand_nnx(batches, method):
     model = nnx.merge(graphdef, p, s)
     return nnx_loss(model, batch), nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
 
-  grad = jax.jit(jax.grad(loss_and_rest, has_aux=True))
-  direction = ByHandDirection(method)
+  value_and_grad = jax.jit(jax.value_and_grad(loss_and_rest, has_aux=True))
+  direction, perturbed_losses = ByHandDirection(method), []
   for batch in batches:
-    g, rest_after_pass_1 = grad(params, rest, batch)
+    (_, rest_after_pass_1), g = value_and_grad(params, rest, batch)
     d = direction(g)
     scale = RHO / tree_norm(d)
-    g_sam, _ = grad(jax.tree.map(lambda w, di: w + scale * di, params, d), rest, batch)  # same rng count, stats
+    (perturbed_loss, _), g_sam = value_and_grad(jax.tree.map(lambda w, di: w + scale * di, params, d), rest,
+                                                batch)  # from the same rng count and statistics as pass 1
     params = jax.tree.map(lambda w, gs: w - LR * gs, params, g_sam)
     rest = rest_after_pass_1  # pass 1's statistics and rng count are kept
-  return params, rest
+    perturbed_losses.append(float(perturbed_loss))
+  return params, rest, perturbed_losses
 
 
 def perturb(method, grad_fn, **kwargs):
@@ -229,21 +231,26 @@ def assert_trees_close(got, want, atol=1e-6):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=atol)
 
 
-def nnx_library_run(batches, method):
+def nnx_library_run(batches, method, value_and_grad=False):
+  """The documented NNX step; returns the model and, with value_and_grad, L(w + eps) of every step."""
   model = TinyNNX(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.chain(perturb(method, make_nnx_grad_fn(nnx_loss, nnx.graphdef(model))),
+  grad_fn = make_nnx_grad_fn(nnx_loss, nnx.graphdef(model), value_and_grad=value_and_grad)
+  optimizer = nnx.Optimizer(model, optax.chain(perturb(method, grad_fn, value_and_grad=value_and_grad),
                                                optax.sgd(LR)), wrt=nnx.Param)
   train_step = nnx.jit(make_nnx_train_step(nnx_loss))
+  perturbed_losses = []
   for batch in batches:
     train_step(model, optimizer, batch)
-  return model
+    if value_and_grad:
+      perturbed_losses.append(float(optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state), "perturbed_loss")))
+  return model, perturbed_losses
 
 
 @pytest.mark.parametrize("method", ["sam", "fsam"])
 def test_nnx_train_step_equals_by_hand_two_pass(method):
   batches = tiny_batches()
-  want_params, want_rest = by_hand_nnx(batches, method)
-  model = nnx_library_run(batches, method)
+  want_params, want_rest, _ = by_hand_nnx(batches, method)
+  model, _ = nnx_library_run(batches, method)
   assert_trees_close(nnx.as_pure(nnx.state(model, nnx.Param)), want_params)
   # BatchNorm running statistics and the dropout rng count (= STEPS: pass 2 does not advance it).
   assert_trees_close(nnx_state_snapshot(model).state, want_rest)
@@ -255,7 +262,7 @@ def test_nnx_train_step_equals_by_hand_two_pass(method):
 def test_nnx_functional_split_loop_equals_by_hand_two_pass(method):
   """The pure-JAX loop: jax.jit over (params, rest, opt_state), an optax chain, nnx.merge inside."""
   batches = tiny_batches()
-  want_params, want_rest = by_hand_nnx(batches, method)
+  want_params, want_rest, _ = by_hand_nnx(batches, method)
   graphdef, params, rest = nnx.split(TinyNNX(nnx.Rngs(0)), nnx.Param, ...)
   params, rest = nnx.as_pure((params, rest))
   tx = optax.chain(perturb(method, make_nnx_grad_fn(nnx_loss, graphdef)), optax.sgd(LR))
@@ -284,7 +291,7 @@ def test_nnx_live_state_pattern_fails_loudly_and_a_late_snapshot_differs():
   so the comparisons above are sharp.
   """
   batches = tiny_batches()
-  want_params, _ = by_hand_nnx(batches, "sam")
+  want_params, _, _ = by_hand_nnx(batches, "sam")
 
   def run(step):
     model = TinyNNX(nnx.Rngs(0))
@@ -357,26 +364,52 @@ def test_grad_fn_builders_value_and_grad_option():
 def by_hand_linen(batches, rngs, method):
   variables = MODEL.init(jax.random.key(0), jnp.ones((2, 64)), train=False)
   params, stats = variables["params"], variables["batch_stats"]
-  grad = jax.jit(jax.grad(linen_loss, has_aux=True))
-  direction = ByHandDirection(method)
+  value_and_grad = jax.jit(jax.value_and_grad(linen_loss, has_aux=True))
+  direction, perturbed_losses = ByHandDirection(method), []
   for batch, rng in zip(batches, rngs):
-    g, stats_after_pass_1 = grad(params, batch, stats, rng)
+    (_, stats_after_pass_1), g = value_and_grad(params, batch, stats, rng)
     d = direction(g)
     scale = RHO / tree_norm(d)
-    g_sam, _ = grad(jax.tree.map(lambda w, di: w + scale * di, params, d), batch, stats, rng)
+    (perturbed_loss, _), g_sam = value_and_grad(jax.tree.map(lambda w, di: w + scale * di, params, d), batch,
+                                                stats, rng)
     params = jax.tree.map(lambda w, gs: w - LR * gs, params, g_sam)
     stats = stats_after_pass_1
-  return params, stats
+    perturbed_losses.append(float(perturbed_loss))
+  return params, stats, perturbed_losses
 
 
 @pytest.mark.parametrize("method", ["sam", "fsam"])
 def test_linen_train_step_equals_by_hand_two_pass(digits, method):
   batches = digits[:STEPS]
   rngs = [jax.random.fold_in(jax.random.key(3), i) for i in range(STEPS)]
-  want_params, want_stats = by_hand_linen(batches, rngs, method)
+  want_params, want_stats, _ = by_hand_linen(batches, rngs, method)
   state = make_state(optax.chain(perturb(method, make_linen_grad_fn(linen_loss)), optax.sgd(LR)))
   step = jax.jit(make_linen_train_step(linen_loss))
   for batch, rng in zip(batches, rngs):
     state, _ = step(state, batch, rng)
+  assert_trees_close(state.params, want_params)
+  assert_trees_close(state.batch_stats, want_stats)
+
+
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+def test_value_and_grad_logs_the_sam_loss_nnx_and_linen(digits, method):
+  """value_and_grad=True on the builders and the transformation: perturbed_loss is L(w + eps), same step."""
+  batches = tiny_batches()
+  want_params, _, want_losses = by_hand_nnx(batches, method)
+  model, losses = nnx_library_run(batches, method, value_and_grad=True)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+  assert_trees_close(nnx.as_pure(nnx.state(model, nnx.Param)), want_params)
+
+  batches = digits[:STEPS]
+  rngs = [jax.random.fold_in(jax.random.key(3), i) for i in range(STEPS)]
+  want_params, want_stats, want_losses = by_hand_linen(batches, rngs, method)
+  grad_fn = make_linen_grad_fn(linen_loss, value_and_grad=True)
+  state = make_state(optax.chain(perturb(method, grad_fn, value_and_grad=True), optax.sgd(LR)))
+  step = jax.jit(make_linen_train_step(linen_loss))
+  losses = []
+  for batch, rng in zip(batches, rngs):
+    state, _ = step(state, batch, rng)
+    losses.append(float(optax.tree_utils.tree_get(state.opt_state, "perturbed_loss")))
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
   assert_trees_close(state.params, want_params)
   assert_trees_close(state.batch_stats, want_stats)
