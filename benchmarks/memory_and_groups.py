@@ -71,14 +71,12 @@ def max_difference(a, b):
   return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def accumulation(batch_size, counts):
+def accumulation(batch_size, counts, rounds):
   params, batch, loss_fn = setup(batch_size)
   grad = jax.grad(loss_fn)
   print(f"\n## Gradient accumulation: SAM step on one batch of {batch_size}, "
         f"grad_fn = microbatched(jax.grad(loss), n)\n")
-  print("| n | micro-batch | temp bytes | × n=1 | max |params − big-batch SAM| |")
-  print("|---|---|---|---|---|")
-  reference, base_bytes, rows = None, None, {}
+  reference, base_bytes, rows, runners, lines = None, None, {}, {}, {}
   for n in counts:
     grad_fn = sam_optax.microbatched(grad, n)
     tx, step = sam_step(grad_fn, sam_optax.sam_perturb(grad_fn, rho=RHO))
@@ -90,7 +88,16 @@ def accumulation(batch_size, counts):
     ratio = figures["temp_bytes"] / base_bytes
     difference = max_difference(out, reference)
     rows[n] = (ratio, difference)
-    print(f"| {n} | {batch_size // n} | {figures['temp_bytes']:,} | {ratio:.3f} | {difference:.1e} |")
+    lines[n] = f"| {n} | {batch_size // n} | {figures['temp_bytes']:,} | {ratio:.3f} | {difference:.1e} |"
+    runners[n] = lambda compiled=figures["compiled"], state=state: compiled(params, state, batch)[0]
+  samples = interleaved_samples(runners, rounds=rounds, steps=1)
+  print("| n | micro-batch | temp bytes | × n=1 | max |params − big-batch SAM| | s/step | × n=1 [95% CI] |")
+  print("|---|---|---|---|---|---|---|")
+  for n in counts:
+    ratio, low, high = paired_ratio(samples[n], samples[counts[0]])
+    print(f"{lines[n]} {np.median(samples[n]):.2f} | {ratio:.2f} [{low:.2f}, {high:.2f}] |")
+  print("\n(XLA:CPU runs a convolution inside the lax.scan of the micro-batches several times\n"
+        " slower, jax-ml/jax#12868: on CPU accumulation trades time for memory.)")
   print()
   if 4 in rows:
     print(f"target: n=4 temp bytes <= 0.4x n=1: {rows[4][0]:.3f} -> {verdict(rows[4][0] <= 0.4)}")
@@ -147,10 +154,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
   if args.quick:
-    accumulation(32, (1, 4))
+    accumulation(32, (1, 4), rounds=1)
     groups(32, (8,), rounds=2, steps=1)
   else:
-    accumulation(512, (1, 2, 4, 8))
+    accumulation(512, (1, 2, 4, 8), rounds=3)
     groups(128, (8, 32, 128), rounds=args.rounds, steps=3)
   return 0
 
