@@ -169,20 +169,6 @@ def traced_rho_supported() -> bool:
   return True
 
 
-def make_value_and_grad_fn(loss_fn) -> Callable[..., Any]:
-  """``grad_fn(params, batch, batch_stats, dropout_rng) -> (loss, gradient)`` of a Linen loss.
-
-  Like ``sam_optax.flax_utils.make_linen_grad_fn`` (the perturbed pass's batch
-  statistics are discarded) but also returning the loss, for
-  ``value_and_grad=True`` perturbations.
-  """
-
-  def grad_fn(params, batch, batch_stats=None, dropout_rng=None):
-    return jax.value_and_grad(lambda p: loss_fn(p, batch, batch_stats, dropout_rng)[0])(params)
-
-  return grad_fn
-
-
 def build_optimizer(
     config: TrainConfig, grad_fn: Callable[..., Any], total_steps: int, *, rho: Any = None,
     value_and_grad: bool = False,
@@ -444,7 +430,7 @@ def train(
   total_steps = steps_per_epoch * config.epochs
   loss_fn = make_loss_fn(model)
   log_sharpness = _logs_sharpness(config)
-  grad_fn = make_value_and_grad_fn(loss_fn) if log_sharpness else make_linen_grad_fn(loss_fn)
+  grad_fn = make_linen_grad_fn(loss_fn, value_and_grad=log_sharpness)
   tx = build_optimizer(config, grad_fn, total_steps, value_and_grad=log_sharpness)
   state = init_state(model, tx, take(x_train, np.arange(min(2, n))), config.seed)
   first_epoch = 0
@@ -556,7 +542,7 @@ def _train_vmapped(model, x_train, y_train, config: TrainConfig, rhos, *, x_eval
   total_steps = steps_per_epoch * config.epochs
   loss_fn = make_loss_fn(model)
   log_sharpness = _logs_sharpness(config)
-  grad_fn = make_value_and_grad_fn(loss_fn) if log_sharpness else make_linen_grad_fn(loss_fn)
+  grad_fn = make_linen_grad_fn(loss_fn, value_and_grad=log_sharpness)
   build = lambda rho: build_optimizer(config, grad_fn, total_steps, rho=rho, value_and_grad=log_sharpness)
   # Same initialisation for every rho (as separate runs with this seed); states stacked on axis 0.
   single = init_state(model, build(rhos[0]), take(x_train, np.arange(min(2, n))), config.seed)
