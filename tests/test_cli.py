@@ -11,7 +11,7 @@ import pytest
 from sam_optax.experiments import cli
 
 RUN_KEYS = {"train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "lambda_max", "lambda_min",
-            "lambda_ratio", "hessian_trace", "seconds", "step_time_ratio", "per_seed"}
+            "lambda_ratio", "hessian_trace", "sharpness", "seconds", "step_time_ratio", "per_seed"}
 
 
 def test_compare_end_to_end(tmp_path, capsys):
@@ -38,6 +38,12 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert run["lambda_max"] > 0 and run["lambda_max"] >= run["lambda_min"]
     assert abs(run["lambda_ratio"] - sum(abs(r["lambda_max"] / r["lambda_min"]) for r in run["per_seed"]) / 2) < 1e-6
   assert results["runs"]["sgd"]["step_time_ratio"] == 1.0
+  # Sharpness L(w+eps) - L(w): logged for the sharpness-aware runs only (last-epoch mean).
+  assert "| L(w+ε) − L(w) |" in printed
+  assert results["runs"]["sgd"]["sharpness"] is None
+  for name in ("sam", "fsam", "looksam"):
+    assert all(r["sharpness"] is not None for r in results["runs"][name]["per_seed"])
+    assert results["runs"][name]["sharpness"] > 0
   rows = list(csv.DictReader(open(out / "results.csv")))
   assert len(rows) == 4 * 3  # two seeds and a mean row per optimizer
   for name in ("training_curves.png", "landscape_1d.png", "spectral_density.png",
@@ -54,6 +60,7 @@ def test_compare_end_to_end(tmp_path, capsys):
         (["--lmbda", "1.0"], "--lmbda must be in [0, 1)"),
         (["--label-noise", "1.5"], "--label-noise must be a fraction"),
         (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--group-size", "5"], "--group-size must be a positive divisor of --batch-size (64)"),
         (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
     ],
 )

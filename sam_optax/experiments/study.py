@@ -28,6 +28,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -215,6 +216,7 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
         weight_decay=spec.weight_decay, seed=seed)
 
     # 1. Train everything on the fit split; only the validation split is evaluated.
+    model_start = time.perf_counter()
     base_runs, sweeps = [], {name: [] for name in sam_like}
     for seed in seeds:
       base_runs.append(train(model, x_fit, y_fit, config(spec.base, seed), x_test=x_val, y_test=y_val,
@@ -247,8 +249,10 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
           f"({100 * val_acc.mean(0)[chosen]:.2f}%; grid {', '.join(f'{r:g}: {100 * a:.2f}%' for r, a in zip(grids[name], val_acc.mean(0)))}; "
           f"{spec.base}: {100 * selection['base_val_acc']:.2f}%) -- test set not used"
           + ("; grid trained in one vmapped program" if selection["grids"][name]["vmapped"] else ""))
+    selection["train_seconds"] = time.perf_counter() - model_start
     if on_selected is not None:
       on_selected(key, selection)
+    analysis_start = time.perf_counter()
 
     # 3. Only now: the test set, for the base and the chosen runs.
     chosen_runs = {spec.base: [(r, None) for r in base_runs]}
@@ -281,6 +285,8 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
       for i, record in enumerate(per_seed[name]):
         record["step_time_ratio"] = record["step_seconds"] / per_seed[spec.base][i]["step_seconds"]
     runs = summarise(per_seed)
+    log(f"{spec.label}: trained in {selection['train_seconds']:.0f} s, evaluated and analysed in "
+        f"{time.perf_counter() - analysis_start:.0f} s")
     for name in sam_like:
       runs[name]["rho"] = selection["grids"][name]["chosen_rho"]
     runs[spec.base]["rho"] = None
@@ -289,7 +295,7 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
         "dataset": dataset.name, "generated": dataset.name in GENERATED, "base": spec.base,
         "epochs": epochs, "batch_size": batch_size, "lr": spec.lr, "weight_decay": spec.weight_decay,
         "train_size": int(len(y_fit)), "validation_size": int(len(y_val)), "test_size": int(len(dataset.y_test)),
-        "selection": selection, "runs": runs,
+        "selection": selection, "runs": runs, "analysis_seconds": time.perf_counter() - analysis_start,
         "curves": {name: _history_for_json(history) for name, history in curves.items()},
     }
     curves_by_model[key], analyses_by_model[key] = curves, analyses
