@@ -79,6 +79,9 @@ def fsam_perturb(
     sync_perturbation: use the axis-averaged gradient for ``d_t``.
     mask: optional pytree of booleans like ``params`` (or a callable of params):
       only selected leaves are perturbed; the norm is over them only.
+    value_and_grad, group_size, batch_argnames: as in
+      :func:`sam_optax.sam_perturb`. With ``group_size``, group ``i`` uses
+      ``d_i = g_i - sigma * m_{t-1}`` and the EMA takes the mean of the ``g_i``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is

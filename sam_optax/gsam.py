@@ -55,7 +55,8 @@ def gsam_perturb(
     rho: radius, float >= 0 or an optax schedule of the step count. Default 0.05.
     alpha: weight of the surrogate-gap descent, >= 0. Default 0.1 (the paper
       uses 0.01-0.3 on ImageNet; ``alpha=0`` is SAM).
-    p, adaptive, eps, axis_name, sync_perturbation, mask: as in
+    p, adaptive, eps, axis_name, sync_perturbation, mask, value_and_grad,
+      group_size, batch_argnames: as in
       :func:`sam_optax.sam_perturb`.
 
   Returns:

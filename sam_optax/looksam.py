@@ -82,7 +82,8 @@ def looksam_perturb(
     rho: radius, float >= 0 or an optax schedule. Default 0.05.
     k: a full SAM step every ``k`` steps, an int >= 1. Default 5 (paper).
     alpha: weight of the reused direction, >= 0. Default 0.7 (paper).
-    p, adaptive, eps, axis_name, sync_perturbation, mask: as in
+    p, adaptive, eps, axis_name, sync_perturbation, mask, value_and_grad,
+      group_size, batch_argnames: as in
       :func:`sam_optax.sam_perturb`.
 
   Returns:

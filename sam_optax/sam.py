@@ -82,6 +82,23 @@ def sam_perturb(
     mask: optional pytree of booleans like ``params`` or a callable of
       ``params`` returning one; only the selected leaves are perturbed and the
       norm is taken over them only.
+    value_and_grad: ``grad_fn`` returns ``(loss, gradient)`` like
+      ``jax.value_and_grad(loss_fn)``, and the state keeps ``perturbed_loss``,
+      ``L(w + eps)``, so ``perturbed_loss - L(w)`` is the sharpness. Default
+      False.
+    group_size: m-sharpness (Foret et al., section 4.1): split the batch into
+      groups of ``group_size`` consecutive examples, take one ``eps_i`` per
+      group from that group's own gradient ``g_i = grad L_i(w)``, and return
+      ``mean_i grad L_i(w + eps_i)``. The incoming gradient is then unused
+      (XLA removes it under ``jit``). Must divide the batch (checked at trace
+      time); a static int. Default None (one global ``eps``).
+    batch_argnames: with ``group_size``, the extra arguments whose array leaves
+      carry the examples on axis 0; the others go whole to every group.
+      Default ``("batch",)``.
+
+  Hyperparameters may be traced (``optax.inject_hyperparams`` with
+  ``static_args=("grad_fn", "p")``, ``jax.vmap`` over ``rho``): concrete
+  values are validated at construction, traced ones cannot be.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` requires
