@@ -1,7 +1,6 @@
 """SAM in real training loops: accumulation, injectable hyperparameters, the SAM loss,
 wrappers, float64 — each against by-hand two-pass code written with plain jax.grad."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -187,11 +187,6 @@ def validate(args: argparse.Namespace) -> None:
   group_size = getattr(args, "group_size", None)
   if group_size is not None and (group_size < 1 or args.batch_size % group_size):
     raise UsageError(f"--group-size must be a positive divisor of --batch-size ({args.batch_size}), got {group_size}")
-  if group_size is not None:
-    from sam_optax.experiments.train import perturbation_supports  # pylint: disable=import-outside-toplevel
-
-    if not perturbation_supports("group_size"):
-      raise UsageError("--group-size needs a sam_optax whose perturbations take group_size= (0.2.0 or later)")
   if args.lr is not None and not args.lr > 0:
     raise UsageError(f"--lr must be > 0, got {args.lr}")
   if args.base not in ("sgd", "adam"):

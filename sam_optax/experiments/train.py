@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -148,27 +147,6 @@ def make_eval_loss_fn(model, batch_stats) -> Callable[[Any, Any], jax.Array]:
   return loss
 
 
-def perturbation_supports(option: str) -> bool:
-  """Whether the installed ``sam_optax.sam_perturb`` takes keyword ``option``."""
-  return option in inspect.signature(sam_optax.sam_perturb).parameters
-
-
-@functools.lru_cache(maxsize=None)
-def traced_rho_supported() -> bool:
-  """Whether ``sam_perturb(grad_fn, rho=traced)`` traces (needed to vmap a step over rho)."""
-
-  def update(rho):
-    tx = sam_optax.sam_perturb(lambda params: params, rho=rho)
-    params = jnp.ones(3)
-    return tx.update(params, tx.init(params), params)[0]
-
-  try:
-    jax.eval_shape(update, jnp.float32(0.1))
-  except Exception:  # pylint: disable=broad-except  # concretization errors of older versions
-    return False
-  return True
-
-
 def build_optimizer(
     config: TrainConfig, grad_fn: Callable[..., Any], total_steps: int, *, rho: Any = None,
     value_and_grad: bool = False,
@@ -196,8 +174,6 @@ def build_optimizer(
   if config.group_size is not None:
     if config.group_size < 1:
       raise ValueError(f"group_size must be a positive number of examples, got {config.group_size}")
-    if config.optimizer in SHARPNESS_AWARE and not perturbation_supports("group_size"):
-      raise ValueError("group_size (m-sharpness) needs a sam_optax whose *_perturb take group_size=")
     options["group_size"] = config.group_size
   if config.optimizer == "sam":
     members.append(sam_optax.sam_perturb(grad_fn, rho=rho, **options))
@@ -313,7 +289,7 @@ def evaluate(model, params, batch_stats, x, y, batch_size: int = 512) -> tuple[f
 
 
 def _logs_sharpness(config: TrainConfig) -> bool:
-  return config.optimizer in SHARPNESS_AWARE and perturbation_supports("value_and_grad")
+  return config.optimizer in SHARPNESS_AWARE
 
 
 def _compile_steps(step, state, example, dropout_key, config: TrainConfig, transform=None):
@@ -515,8 +491,6 @@ def train_sweep(
     note = "vmap disabled"
   elif config.optimizer not in SHARPNESS_AWARE:
     note = f"{config.optimizer} has no rho"
-  elif not traced_rho_supported():
-    note = "the installed sam_optax does not accept a traced rho"
   if not note:
     try:
       return _train_vmapped(model, x_train, y_train, config, rhos, x_eval=x_eval, y_eval=y_eval,
