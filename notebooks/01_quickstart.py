@@ -52,7 +52,7 @@ import optax
 from flax import nnx
 
 import sam_optax
-from sam_optax.flax_utils import make_nnx_grad_fn
+from sam_optax.flax_utils import make_nnx_grad_fn, make_nnx_train_step
 
 backend, devices = jax.default_backend(), jax.device_count()
 SMOKE = os.environ.get("SAM_OPTAX_SMOKE", "0") == "1"  # CI: tiny budget
@@ -113,8 +113,12 @@ def loss_fn(model, batch):
 # %% [markdown]
 # ## The one-line change
 # `make_nnx_grad_fn` turns the NNX loss into the `grad_fn(params, batch, model_state)`
-# the transformation calls at `w + eps`; `nnx.Optimizer.update` forwards `batch=` and
-# `model_state=` to it.
+# the transformation calls at `w + eps`. `make_nnx_train_step` writes the step around it:
+# it copies the model's non-parameter state (here the dropout rng count) *before* pass 1
+# and hands that snapshot to `optimizer.update(..., model_state=snapshot)`, so the
+# perturbed pass draws the same dropout mask as pass 1, and the model keeps pass 1's
+# state. (Passing the live `nnx.state(model, nnx.Not(nnx.Param))` instead would give
+# pass 2 a new mask: pass 1 has already advanced the rng.)
 
 # %%
 def make_optimizer(name, model, steps):
@@ -130,12 +134,8 @@ def make_optimizer(name, model, steps):
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-@nnx.jit
-def train_step(model, optimizer, batch):
-    model_state = nnx.state(model, nnx.Not(nnx.Param))  # before pass 1: same dropout mask in pass 2
-    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-    optimizer.update(model, grads, batch=batch, model_state=model_state)
-    return loss
+# The same step for every optimizer (plain SGD ignores batch= and model_state=).
+train_step = nnx.jit(make_nnx_train_step(loss_fn))
 
 
 @nnx.jit

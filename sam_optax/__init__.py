@@ -14,10 +14,11 @@ experiment code (models, datasets, the ``sam-optax`` command) in
 from sam_optax.fsam import FSAMState, fsam_perturb
 from sam_optax.gsam import gsam_perturb, rho_schedule_from_learning_rate
 from sam_optax.looksam import LookSAMState, looksam_perturb
+from sam_optax.microbatching import microbatched
 from sam_optax.perturbation import dual_vector, perturbation
 from sam_optax.sam import SAMState, sam_perturb
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"
 
 __all__ = [
     "FSAMState",
@@ -27,6 +28,7 @@ __all__ = [
     "fsam_perturb",
     "gsam_perturb",
     "looksam_perturb",
+    "microbatched",
     "perturbation",
     "rho_schedule_from_learning_rate",
     "sam_perturb",

@@ -12,10 +12,11 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ScalarOrSchedule = Union[float, optax.Schedule]
@@ -26,8 +27,19 @@ AxisName = Optional[Union[str, Sequence[str]]]
 RESERVED_EXTRA_ARGS = frozenset({"full_step"})
 
 
+def is_traced(value: Any) -> bool:
+  """True for a tracer (inside ``jit``/``vmap``/``inject_hyperparams``' update)."""
+  return isinstance(value, jax.core.Tracer)
+
+
 def check_rho(rho: ScalarOrSchedule, name: str) -> None:
-  """Rejects a negative or non-finite ``rho`` (a schedule is checked at 0)."""
+  """Rejects a negative or non-finite ``rho`` (a schedule is checked at 0).
+
+  A traced ``rho`` (``optax.inject_hyperparams``, ``jax.vmap`` over radii)
+  cannot be inspected and is accepted as it is.
+  """
+  if is_traced(rho):
+    return
   if callable(rho):
     try:
       value = rho(0)
@@ -50,7 +62,10 @@ def check_rho(rho: ScalarOrSchedule, name: str) -> None:
     )
 
 
-def check_nonnegative(value: Any, argument: str, name: str) -> float:
+def check_nonnegative(value: Any, argument: str, name: str) -> Any:
+  """``float(value)`` after checking it is finite and >= 0; a traced value passes as is."""
+  if is_traced(value):
+    return value
   try:
     value = float(value)
   except (TypeError, ValueError) as error:
@@ -62,6 +77,12 @@ def check_nonnegative(value: Any, argument: str, name: str) -> float:
 
 def dual_exponent(p: Any, name: str = "dual_vector") -> float:
   """Returns q with 1/p + 1/q = 1, validating that p is in (1, inf]."""
+  if is_traced(p):
+    raise TypeError(
+        f"{name}: p selects the formula of the perturbation and must be a concrete "
+        f"number, got a traced value. With optax.inject_hyperparams, list it in "
+        f"static_args, e.g. inject_hyperparams({name}, static_args=('grad_fn', 'p'))."
+    )
   if isinstance(p, str):
     if p.lower() in ("inf", "infinity"):
       p = math.inf
@@ -79,8 +100,55 @@ def dual_exponent(p: Any, name: str = "dual_vector") -> float:
   return 1.0 if math.isinf(p) else p / (p - 1.0)
 
 
+def check_static_int(value: Any, argument: str, name: str, *, minimum: int = 1,
+                     allow_traced: bool = False) -> Any:
+  """An int >= ``minimum`` (concrete integer arrays accepted), or a tracer if allowed."""
+  if is_traced(value):
+    if allow_traced:
+      return value
+    raise TypeError(
+        f"{name}: {argument} sets array shapes and must be a Python int, got a traced "
+        f"value. With optax.inject_hyperparams, list '{argument}' in static_args."
+    )
+  if isinstance(value, bool) or not (
+      isinstance(value, (int, np.integer))
+      or (hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
+          and jnp.ndim(value) == 0)
+  ):
+    raise ValueError(f"{name}: {argument} must be an int >= {minimum}, got {value!r}.")
+  if int(value) < minimum:
+    raise ValueError(f"{name}: {argument} must be an int >= {minimum}, got {argument}={int(value)!r}.")
+  return int(value)
+
+
+def check_unit_interval(value: Any, argument: str, name: str) -> Any:
+  """``float(value)`` in [0, 1); a traced value passes as is."""
+  if is_traced(value):
+    return value
+  try:
+    value = float(value)
+  except (TypeError, ValueError) as error:
+    raise TypeError(f"{name}: {argument} must be a number in [0, 1), got {value!r}.") from error
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"{name}: {argument} must be in [0, 1), got {argument}={value!r}.")
+  return value
+
+
 def evaluate_rho(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return rho(count) if callable(rho) else jnp.asarray(rho, jnp.float32)
+  return jnp.asarray(rho(count) if callable(rho) else rho)
+
+
+def check_not_masked(tree: Any, name: str) -> None:
+  """Rejects ``optax.masked``/``multi_transform`` placeholders with a pointer to ``mask=``."""
+  nodes = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  if any(isinstance(node, optax.MaskedNode) for node in nodes):
+    raise TypeError(
+        f"{name}: got optax.MaskedNode leaves: the perturbation is inside optax.masked "
+        f"or optax.multi_transform, which hide the masked-out params from grad_fn. The "
+        f"second pass needs every parameter: keep {name} first in the chain, outside "
+        f"any mask, and select the perturbed leaves with its own mask= argument "
+        f"(wrap only the optimizer that follows in optax.masked)."
+    )
 
 
 def axis_mean(tree: Any, axis_name: AxisName) -> Any:
@@ -165,21 +233,37 @@ class _GradFnSignature:
     self.required = tuple(required)
 
 
+class GradCaller(NamedTuple):
+  """How a transformation calls the user's ``grad_fn``.
+
+  ``select(extra_args)`` picks the keyword arguments ``grad_fn`` accepts (and
+  raises ``TypeError`` naming a required one that is missing);
+  ``call(params, kwargs)`` returns ``(value, gradient)``, with ``value`` the
+  loss when ``grad_fn`` is a value-and-grad function and ``None`` otherwise.
+  """
+
+  select: Callable[[Mapping[str, Any]], dict]
+  call: Callable[[Any, Mapping[str, Any]], "tuple[Any, Any]"]
+
+
 def make_grad_caller(
-    grad_fn: Callable[..., Any], name: str
-) -> Callable[[Any, Mapping[str, Any]], Any]:
+    grad_fn: Callable[..., Any], name: str, value_and_grad: bool = False
+) -> GradCaller:
   """Wraps ``grad_fn`` so it is called with the extra arguments it accepts.
 
   ``optax.chain`` passes every extra keyword argument of ``tx.update`` to
   every member, so the wrapper forwards to ``grad_fn`` only the keywords its
   signature names (all of them if it takes ``**kwargs``), raises a
   ``TypeError`` naming any required argument that was not passed, and checks
-  that the returned gradient has the tree structure and shapes of ``params``.
+  that the returned gradient has the tree structure and shapes of ``params``
+  (and, with ``value_and_grad``, that a scalar loss comes first).
   """
   check_callable(grad_fn, name)
+  if not isinstance(value_and_grad, bool):
+    raise TypeError(f"{name}: value_and_grad must be a bool, got {value_and_grad!r}.")
   signature = _GradFnSignature(grad_fn)
 
-  def call(params: Any, extra_args: Mapping[str, Any]) -> Any:
+  def select(extra_args: Mapping[str, Any]) -> dict:
     extra_args = {k: v for k, v in extra_args.items() if k not in RESERVED_EXTRA_ARGS}
     if signature.accepts_all:
       kwargs = dict(extra_args)
@@ -193,11 +277,29 @@ def make_grad_caller(
           f"was not given them (extra arguments given: {given}). Pass them as "
           f"keywords, e.g. tx.update(grads, opt_state, params, {missing[0]}=...)."
       )
-    gradient = grad_fn(params, **kwargs)
-    check_same_tree(params, gradient, name)
-    return gradient
+    return kwargs
 
-  return call
+  def call(params: Any, kwargs: Mapping[str, Any]) -> "tuple[Any, Any]":
+    out = grad_fn(params, **kwargs)
+    if not value_and_grad:
+      check_same_tree(params, out, name)
+      return None, out
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise TypeError(
+          f"{name}: value_and_grad=True, so grad_fn must return (loss, gradient) like "
+          f"jax.value_and_grad(loss_fn); got {type(out).__name__}."
+      )
+    value, gradient = out
+    if jnp.shape(value) != ():
+      raise TypeError(
+          f"{name}: value_and_grad=True, so grad_fn must return (loss, gradient) with a "
+          f"scalar loss first; got a first element of shape {jnp.shape(value)}. For "
+          f"jax.value_and_grad(loss_fn, has_aux=True) drop the aux output in a wrapper."
+      )
+    check_same_tree(params, gradient, name)
+    return value, gradient
+
+  return GradCaller(select, call)
 
 
 def check_same_tree(params: Any, gradient: Any, name: str) -> None:
@@ -264,3 +366,19 @@ def orthogonal_component(vector: Any, reference: Any) -> Any:
 
 def cast_like(tree: Any, reference: Any) -> Any:
   return jax.tree.map(lambda x, r: x.astype(jnp.asarray(r).dtype), tree, reference)
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def keep_if_finite(new: Any, old: Any, checked: Any) -> Any:
+  """``new`` where every leaf of ``checked`` is finite, else ``old`` (state buffers).
+
+  A NaN gradient must not poison a running statistic for ever: with
+  ``optax.apply_if_finite`` after the perturbation the step is skipped, and
+  the perturbation's own state must be left as it was too.
+  """
+  finite = tree_all_finite(checked)
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

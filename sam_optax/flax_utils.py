@@ -10,14 +10,23 @@ way of a one-line SAM change in Flax, and this module removes both:
   second-pass gradient so that the *first* pass's BatchNorm statistics are the
   ones kept and the perturbed pass uses the *same* dropout rng.
 * NNX: ``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, **kw)``
-  forwards ``kw`` but hands params over as an ``nnx.State``.
-  :func:`make_nnx_grad_fn` turns an NNX loss ``loss_fn(model, batch)`` into a
-  ``grad_fn(params, batch, model_state)`` working on that state.
+  forwards ``kw`` but hands params over as an ``nnx.State``, and the rest of
+  the model (BatchNorm statistics, dropout rng counts) lives in mutable
+  ``nnx.Variable`` objects that the first pass advances. :func:`make_nnx_grad_fn`
+  turns an NNX loss ``loss_fn(model, batch)`` into a ``grad_fn(params, batch,
+  model_state)``, and :func:`make_nnx_train_step` owns the whole step: it takes
+  a *pure* snapshot of the non-parameter state before pass 1
+  (:func:`nnx_state_snapshot`), so pass 2 sees exactly pass 1's dropout mask
+  and BatchNorm statistics, and only pass 1's statistics update is kept.
+
+For every builder, ``value_and_grad=True`` makes ``grad_fn`` return ``(loss,
+gradient)`` like ``jax.value_and_grad``: use it with
+``sam_perturb(grad_fn, value_and_grad=True)`` to log the SAM loss L(w + eps).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import optax
@@ -51,24 +60,29 @@ class SAMTrainState(train_state.TrainState):
 LinenLoss = Callable[[Any, Any, Any, Any], "tuple[jax.Array, Any]"]
 
 
-def make_linen_grad_fn(loss_fn: LinenLoss) -> Callable[..., Any]:
+def make_linen_grad_fn(loss_fn: LinenLoss, *, value_and_grad: bool = False) -> Callable[..., Any]:
   """The second-pass ``grad_fn`` for a Linen model with BatchNorm/dropout.
 
   Args:
     loss_fn: ``loss_fn(params, batch, batch_stats, dropout_rng) -> (loss,
       new_batch_stats)``, the training-mode loss (``mutable=['batch_stats']``,
       ``rngs={'dropout': dropout_rng}``).
+    value_and_grad: if True, ``grad_fn`` returns ``(loss, gradient)`` (the loss
+      at the point it is called at, without the statistics), as
+      ``*_perturb(..., value_and_grad=True)`` expects. Default False.
 
   Returns:
     ``grad_fn(params, batch, batch_stats=None, dropout_rng=None)``: the
     gradient of ``loss_fn`` at ``params``. The batch statistics that the
     perturbed forward pass computes are discarded, so the ones kept are those
     of the first pass; pass the same ``dropout_rng`` as the first pass so both
-    passes see the same dropout mask.
+    passes see the same dropout mask (:func:`make_linen_train_step` does).
   """
+  _check_callable(loss_fn, "make_linen_grad_fn")
 
   def grad_fn(params, batch, batch_stats=None, dropout_rng=None):
-    return jax.grad(lambda p: loss_fn(p, batch, batch_stats, dropout_rng)[0])(params)
+    loss, gradient = jax.value_and_grad(lambda p: loss_fn(p, batch, batch_stats, dropout_rng)[0])(params)
+    return (loss, gradient) if value_and_grad else gradient
 
   return grad_fn
 
@@ -78,9 +92,14 @@ def make_linen_train_step(loss_fn: LinenLoss) -> Callable[..., Any]:
 
   The optimizer of the state must have been built with
   ``make_linen_grad_fn(loss_fn)`` as its ``grad_fn``. Returns
-  ``train_step(state, batch, dropout_rng) -> (new_state, loss)``: pass 1 at
-  ``w`` (its new batch statistics are kept), pass 2 at ``w + eps`` inside
-  ``tx.update`` with the same batch, statistics and dropout rng.
+  ``train_step(state, batch, dropout_rng) -> (new_state, loss)``::
+
+      pass 1:  (loss, stats_1), g = value_and_grad(loss_fn)(w, batch, stats_0, rng)
+      pass 2:  g_sam = grad(loss_fn)(w + eps(g), batch, stats_0, rng)   (inside tx.update)
+      new state: params from the chain applied to g, batch_stats = stats_1
+
+  so both passes see the same dropout mask and normalise with the same batch,
+  and pass 2's statistics are discarded. ``loss`` is L(w) of pass 1.
 
   Example::
 
@@ -98,6 +117,7 @@ def make_linen_train_step(loss_fn: LinenLoss) -> Callable[..., Any]:
       train_step = jax.jit(make_linen_train_step(loss_fn))
       state, loss = train_step(state, batch, jax.random.key(0))
   """
+  _check_callable(loss_fn, "make_linen_train_step")
 
   def train_step(state: SAMTrainState, batch, dropout_rng=None):
     (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -112,46 +132,181 @@ def make_linen_train_step(loss_fn: LinenLoss) -> Callable[..., Any]:
   return train_step
 
 
+class NNXStateSnapshot(NamedTuple):
+  """A copy of an NNX model's non-optimized state, taken before pass 1.
+
+  Made by :func:`nnx_state_snapshot`; the ``model_state`` that
+  :func:`make_nnx_grad_fn`'s ``grad_fn`` accepts.
+
+  Attributes:
+    state: the ``nnx.State`` of the non-optimized variables (BatchNorm
+      statistics, dropout rng keys and counts) as plain arrays.
+  """
+
+  state: Any
+
+
+def nnx_state_snapshot(model_or_state: Any, wrt: Any = nnx.Param) -> NNXStateSnapshot:
+  """A copy of the model's non-optimized state: the ``model_state`` to pass.
+
+  ``nnx.state(model, nnx.Not(nnx.Param))`` holds the model's live
+  ``nnx.Variable`` objects: running the model afterwards (pass 1) advances
+  them (the dropout rng count, the BatchNorm statistics), so they no longer
+  describe the model *before* pass 1 — and ``nnx.Optimizer.update`` copies its
+  keyword arguments only when it runs, after pass 1. Take this snapshot before
+  pass 1 instead.
+
+  Args:
+    model_or_state: an NNX model, or (in a functional ``nnx.split`` loop) the
+      ``nnx.State`` of its non-optimized variables.
+    wrt: the filter of the optimized variables (``nnx.Optimizer``'s ``wrt``),
+      used when a model is given. Default ``nnx.Param``.
+
+  Returns:
+    ``NNXStateSnapshot(nnx.as_pure(nnx.state(model, nnx.Not(wrt))))``, plain
+    arrays that later runs of the model do not change.
+  """
+  if isinstance(model_or_state, NNXStateSnapshot):
+    return model_or_state
+  if isinstance(model_or_state, nnx.Module):
+    model_or_state = nnx.state(model_or_state, nnx.Not(wrt))
+  elif not isinstance(model_or_state, (nnx.State, dict)):
+    raise TypeError("nnx_state_snapshot: model_or_state must be an nnx.Module or an nnx.State, "
+                    f"got {type(model_or_state).__name__}.")
+  return NNXStateSnapshot(nnx.as_pure(model_or_state))
+
+
 def make_nnx_grad_fn(
     loss_fn: Callable[[nnx.Module, Any], jax.Array],
     graphdef: Any,
+    *,
+    value_and_grad: bool = False,
 ) -> Callable[..., Any]:
-  """The second-pass ``grad_fn`` for an NNX model used with ``nnx.Optimizer``.
+  """The second-pass ``grad_fn`` for an NNX model.
 
   Args:
     loss_fn: ``loss_fn(model, batch) -> scalar``, as given to ``nnx.grad``.
     graphdef: the model's graph definition, ``nnx.graphdef(model)``.
+    value_and_grad: if True, ``grad_fn`` returns ``(loss, gradient)``, as
+      ``*_perturb(..., value_and_grad=True)`` expects. Default False.
 
   Returns:
-    ``grad_fn(params, batch, model_state)`` where ``params`` is the
-    ``nnx.State`` of the optimized (``wrt``) variables (what ``nnx.Optimizer.update`` hands
-    to the transformation) and ``model_state`` is ``nnx.state(model,
-    nnx.Not(nnx.Param))``: the rest of the model (BatchNorm statistics, dropout rng
-    counters) taken *before* the first pass, so the perturbed pass sees the
-    same statistics and dropout mask. Its own state changes are discarded.
+    ``grad_fn(params, batch, model_state=None)``: the gradient of
+    ``loss_fn(nnx.merge(graphdef, params, model_state.state), batch)`` with
+    respect to ``params``, the ``nnx.State`` of the optimized variables (what
+    ``nnx.Optimizer.update`` hands to the transformation). ``model_state`` is
+    the rest of the model (BatchNorm statistics, dropout rng counts) as it was
+    *before* pass 1: an :class:`NNXStateSnapshot` from
+    :func:`nnx_state_snapshot`. The perturbed pass then sees pass 1's dropout
+    mask and statistics; its own state changes are discarded.
+
+  Raises (when the step is traced):
+    TypeError: ``model_state`` is not an :class:`NNXStateSnapshot` (for
+      example ``nnx.state(model, nnx.Not(nnx.Param))``, the live state that
+      pass 1 advances: pass 2 would draw another dropout mask).
+    ValueError: ``model_state`` is missing and the model has such state.
+
+  :func:`make_nnx_train_step` writes the step that calls it correctly.
 
   Example::
 
-      graphdef = nnx.graphdef(model)
-      grad_fn = make_nnx_grad_fn(loss_fn, graphdef)
+      grad_fn = make_nnx_grad_fn(loss_fn, nnx.graphdef(model))
       optimizer = nnx.Optimizer(model, optax.chain(sam_optax.sam_perturb(grad_fn), optax.adam(1e-3)),
                                 wrt=nnx.Param)
-
-      @nnx.jit
-      def train_step(model, optimizer, batch):
-        model_state = nnx.state(model, nnx.Not(nnx.Param))   # before pass 1
-        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-        optimizer.update(model, grads, batch=batch, model_state=model_state)
-        return loss
+      train_step = nnx.jit(make_nnx_train_step(loss_fn))
+      loss = train_step(model, optimizer, batch)
   """
+  _check_callable(loss_fn, "make_nnx_grad_fn")
+  if isinstance(graphdef, nnx.Module):
+    raise TypeError("make_nnx_grad_fn: graphdef must be the model's graph definition, "
+                    "nnx.graphdef(model), not the model itself.")
 
   def grad_fn(params, batch, model_state=None):
-    states = (params,) if model_state is None else (params, model_state)
+    if model_state is not None and not isinstance(model_state, NNXStateSnapshot):
+      raise TypeError(
+          "make_nnx_grad_fn: model_state must be a snapshot of the model's non-parameter state "
+          "taken before pass 1, model_state=nnx_state_snapshot(model), got "
+          f"{type(model_state).__name__}. nnx.state(model, nnx.Not(nnx.Param)) holds the live "
+          "Variables, which pass 1 advances (dropout rng count, BatchNorm statistics), so the "
+          "perturbed pass would draw another dropout mask. make_nnx_train_step(loss_fn) writes "
+          "the whole step; in an nnx.split loop pass nnx_state_snapshot(rest).")
 
     def loss_of_params(p):
-      model = nnx.merge(graphdef, p, *states[1:])
-      return loss_fn(model, batch)
+      return loss_fn(_merge(graphdef, p, model_state), batch)
 
-    return jax.grad(loss_of_params)(params)
+    loss, gradient = jax.value_and_grad(loss_of_params)(params)
+    return (loss, gradient) if value_and_grad else gradient
 
   return grad_fn
+
+
+def _merge(graphdef, params, model_state):
+  if model_state is not None:
+    return nnx.merge(graphdef, params, model_state.state)
+  try:
+    return nnx.merge(graphdef, params)
+  except ValueError as error:
+    raise ValueError(
+        "make_nnx_grad_fn: grad_fn was called without model_state, but the model has state "
+        "besides the optimized parameters (BatchNorm statistics, dropout rng counts, ...). Pass "
+        "model_state=nnx_state_snapshot(model), taken before pass 1, to optimizer.update "
+        "(optimizer.update(model, grads, batch=batch, model_state=snapshot)), or use "
+        f"make_nnx_train_step, which does. ({error})") from error
+
+
+def make_nnx_train_step(loss_fn: Callable[[nnx.Module, Any], jax.Array]) -> Callable[..., Any]:
+  """A complete SAM train step for an NNX model and ``nnx.Optimizer``.
+
+  The optimizer's transformation must have been built with
+  ``make_nnx_grad_fn(loss_fn, nnx.graphdef(model))`` as its ``grad_fn``.
+  Returns ``train_step(model, optimizer, batch) -> loss`` (wrap it in
+  ``nnx.jit``)::
+
+      s_0 = nnx_state_snapshot(model, optimizer.wrt)        # a copy, before pass 1
+      pass 1:  loss, g = nnx.value_and_grad(loss_fn)(model, batch)   # model's state -> s_1
+      pass 2:  g_sam = grad of loss_fn at (w + eps(g), s_0)          # inside optimizer.update
+      optimizer.update(model, g, batch=batch, model_state=s_0)
+
+  Pass 2 uses pass 1's dropout mask (same rng count) and normalises with the
+  same batch; the model keeps pass 1's statistics and rng count ``s_1``
+  (pass 2's changes are discarded). ``loss`` is L(w) of pass 1.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.dense, self.norm = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+      ...     self.dropout, self.head = nnx.Dropout(0.5, rngs=rngs), nnx.Linear(8, 1, rngs=rngs)
+      ...   def __call__(self, x):
+      ...     return self.head(self.dropout(nnx.relu(self.norm(self.dense(x)))))
+      >>> def loss_fn(model, batch):
+      ...   return jnp.mean((model(batch['x']) - batch['y']) ** 2)
+      >>> model = Net(nnx.Rngs(0))
+      >>> grad_fn = make_nnx_grad_fn(loss_fn, nnx.graphdef(model))
+      >>> optimizer = nnx.Optimizer(
+      ...     model, optax.chain(sam_optax.sam_perturb(grad_fn, rho=0.05), optax.sgd(0.1)),
+      ...     wrt=nnx.Param)
+      >>> train_step = nnx.jit(make_nnx_train_step(loss_fn))
+      >>> batch = {'x': jnp.ones((8, 4)), 'y': jnp.zeros((8, 1))}
+      >>> loss = train_step(model, optimizer, batch)
+      >>> int(model.dropout.rngs.count[...])  # pass 1 drew one mask; pass 2 reused it
+      1
+  """
+  _check_callable(loss_fn, "make_nnx_train_step")
+
+  def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch):
+    if not isinstance(optimizer, nnx.Optimizer):
+      raise TypeError(f"make_nnx_train_step: optimizer must be an nnx.Optimizer, got {type(optimizer)}.")
+    snapshot = nnx_state_snapshot(model, optimizer.wrt)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model, batch)
+    optimizer.update(model, grads, batch=batch, model_state=snapshot)
+    return loss
+
+  return train_step
+
+
+def _check_callable(fn, name: str) -> None:
+  if not callable(fn):
+    raise TypeError(f"{name}: loss_fn must be callable, got {fn!r}.")

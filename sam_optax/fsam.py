@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +19,14 @@ class FSAMState(NamedTuple):
     count: number of steps taken.
     gradient_ema: the exponential moving average ``m`` of past gradients, an
       estimate of the full-batch gradient (float32 for low-precision params).
+      A step whose gradient is not finite leaves it unchanged.
+    perturbed_loss: ``L(w + eps)`` of the last step (float32 scalar) with
+      ``value_and_grad=True``; 0 otherwise.
   """
 
   count: jax.Array
   gradient_ema: Any
+  perturbed_loss: jax.Array
 
 
 def fsam_perturb(
@@ -37,6 +41,9 @@ def fsam_perturb(
     axis_name: _common.AxisName = None,
     sync_perturbation: bool = False,
     mask: Any = None,
+    value_and_grad: bool = False,
+    group_size: Optional[int] = None,
+    batch_argnames: Sequence[str] = ("batch",),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly Sharpness-Aware Minimization (F-SAM).
 
@@ -93,38 +100,35 @@ def fsam_perturb(
     CVPR 2024.
   """
   name = "fsam_perturb"
-  second_pass = make_second_pass(grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps,
-                                 mask=mask, axis_name=axis_name)
+  second_pass = make_second_pass(
+      grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps, mask=mask,
+      axis_name=axis_name, sync_perturbation=sync_perturbation,
+      value_and_grad=value_and_grad, group_size=group_size, batch_argnames=batch_argnames)
   sigma = _common.check_nonnegative(sigma, "sigma", name)
-  try:
-    lmbda = float(lmbda)
-  except (TypeError, ValueError) as error:
-    raise TypeError(f"{name}: lmbda must be a number in [0, 1), got {lmbda!r}.") from error
-  if not 0.0 <= lmbda < 1.0:
-    raise ValueError(f"{name}: lmbda (the EMA decay) must be in [0, 1), got lmbda={lmbda!r}.")
+  lmbda = _common.check_unit_interval(lmbda, "lmbda (the EMA decay)", name)
 
   def init_fn(params):
-    gradient_ema = _common.zeros_in_compute_dtype(params)
-    return FSAMState(count=jnp.zeros([], jnp.int32), gradient_ema=gradient_ema)
+    return FSAMState(count=jnp.zeros([], jnp.int32),
+                     gradient_ema=_common.zeros_in_compute_dtype(params),
+                     perturbed_loss=jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is not None:
-      _common.check_same_tree(params, updates, name + " (incoming updates)")
-    averaged_gradient = _common.axis_mean(updates, axis_name)
-    local_gradient = averaged_gradient if sync_perturbation else updates
     # The EMA starts at zero, so d_0 = g_0 - sigma * 0 = g_0 as in the reference.
-    direction = jax.tree.map(
-        lambda g, m: g.astype(m.dtype) - sigma * m, local_gradient, state.gradient_ema
-    )
-    perturbed_gradient = second_pass(direction, params, state.count, extra_args)
+    def direction_fn(gradient):
+      return jax.tree.map(lambda g, m: g.astype(m.dtype) - sigma * m, gradient,
+                          state.gradient_ema)
+
+    result = second_pass(updates, params, state.count, extra_args, direction_fn)
     # m_0 = g_0 on the first step, then the EMA with decay lmbda.
     decay = jnp.where(state.count == 0, 0.0, lmbda).astype(jnp.float32)
     gradient_ema = jax.tree.map(
         lambda m, g: (decay * m + (1.0 - decay) * g.astype(m.dtype)).astype(m.dtype),
         state.gradient_ema,
-        averaged_gradient,
+        result.gradient_at_w,
     )
-    new_state = FSAMState(count=optax.safe_increment(state.count), gradient_ema=gradient_ema)
-    return perturbed_gradient, new_state
+    gradient_ema = _common.keep_if_finite(gradient_ema, state.gradient_ema, result.gradient_at_w)
+    perturbed_loss = state.perturbed_loss if result.loss is None else result.loss
+    new_state = FSAMState(optax.safe_increment(state.count), gradient_ema, perturbed_loss)
+    return result.gradient, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ def gsam_perturb(
     axis_name: _common.AxisName = None,
     sync_perturbation: bool = False,
     mask: Any = None,
+    value_and_grad: bool = False,
+    group_size: Optional[int] = None,
+    batch_argnames: Sequence[str] = ("batch",),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate Gap Guided Sharpness-Aware Minimization (GSAM).
 
@@ -72,27 +75,26 @@ def gsam_perturb(
     ICLR 2022.
   """
   name = "gsam_perturb"
-  second_pass = make_second_pass(grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps,
-                                 mask=mask, axis_name=axis_name)
+  second_pass = make_second_pass(
+      grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps, mask=mask,
+      axis_name=axis_name, sync_perturbation=sync_perturbation,
+      value_and_grad=value_and_grad, group_size=group_size, batch_argnames=batch_argnames)
   alpha = _common.check_nonnegative(alpha, "alpha", name)
 
   def init_fn(params):
     del params
-    return SAMState(count=jnp.zeros([], jnp.int32))
+    return SAMState(count=jnp.zeros([], jnp.int32), perturbed_loss=jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is not None:
-      _common.check_same_tree(params, updates, name + " (incoming updates)")
-    averaged_gradient = _common.axis_mean(updates, axis_name)
-    direction = averaged_gradient if sync_perturbation else updates
-    perturbed_gradient = second_pass(direction, params, state.count, extra_args)
-    orthogonal = _common.orthogonal_component(averaged_gradient, perturbed_gradient)
+    result = second_pass(updates, params, state.count, extra_args, lambda g: g)
+    orthogonal = _common.orthogonal_component(result.gradient_at_w, result.gradient)
     out = jax.tree.map(
         lambda gp, g_perp: (gp.astype(g_perp.dtype) - alpha * g_perp).astype(gp.dtype),
-        perturbed_gradient,
+        result.gradient,
         orthogonal,
     )
-    return out, SAMState(count=optax.safe_increment(state.count))
+    perturbed_loss = state.perturbed_loss if result.loss is None else result.loss
+    return out, SAMState(optax.safe_increment(state.count), perturbed_loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

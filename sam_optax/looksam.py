@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +19,15 @@ class LookSAMState(NamedTuple):
   Attributes:
     count: number of steps taken.
     orthogonal_gradient: ``g_v``, the part of the last SAM gradient orthogonal
-      to the plain gradient (float32 for low-precision params).
+      to the plain gradient (float32 for low-precision params). A full step
+      whose gradients are not finite leaves it unchanged.
+    perturbed_loss: ``L(w + eps)`` of the last *full* step (float32 scalar)
+      with ``value_and_grad=True`` (cheap steps keep it); 0 otherwise.
   """
 
   count: jax.Array
   orthogonal_gradient: Any
+  perturbed_loss: jax.Array
 
 
 def looksam_perturb(
@@ -38,6 +42,9 @@ def looksam_perturb(
     axis_name: _common.AxisName = None,
     sync_perturbation: bool = False,
     mask: Any = None,
+    value_and_grad: bool = False,
+    group_size: Optional[int] = None,
+    batch_argnames: Sequence[str] = ("batch",),
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: SAM at a fraction of its cost (under 2x the base step).
 
@@ -101,24 +108,29 @@ def looksam_perturb(
     Sharpness-Aware Minimization", CVPR 2022 (Algorithm 2).
   """
   name = "looksam_perturb"
-  second_pass = make_second_pass(grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps,
-                                 mask=mask, axis_name=axis_name)
+  second_pass = make_second_pass(
+      grad_fn, name, rho=rho, p=p, adaptive=adaptive, eps=eps, mask=mask,
+      axis_name=axis_name, sync_perturbation=sync_perturbation,
+      value_and_grad=value_and_grad, group_size=group_size, batch_argnames=batch_argnames)
   alpha = _common.check_nonnegative(alpha, "alpha", name)
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"{name}: k (the full-step period) must be an int >= 1, got k={k!r}.")
+  k = _common.check_static_int(k, "k (the full-step period)", name, allow_traced=True)
 
   def init_fn(params):
-    orthogonal_gradient = _common.zeros_in_compute_dtype(params)
-    return LookSAMState(count=jnp.zeros([], jnp.int32), orthogonal_gradient=orthogonal_gradient)
+    return LookSAMState(count=jnp.zeros([], jnp.int32),
+                        orthogonal_gradient=_common.zeros_in_compute_dtype(params),
+                        perturbed_loss=jnp.zeros([], jnp.float32))
 
-  def full_step_fn(updates, averaged_gradient, state, params, extra_args):
-    direction = averaged_gradient if sync_perturbation else updates
-    sam_gradient = second_pass(direction, params, state.count, extra_args)
-    orthogonal = _common.orthogonal_component(sam_gradient, averaged_gradient)
+  def full_step_fn(updates, state, params, extra_args):
+    result = second_pass(updates, params, state.count, extra_args, lambda g: g)
+    orthogonal = _common.orthogonal_component(result.gradient, result.gradient_at_w)
     orthogonal = _common.cast_like(orthogonal, state.orthogonal_gradient)
-    return _common.cast_like(sam_gradient, updates), orthogonal
+    orthogonal = _common.keep_if_finite(
+        orthogonal, state.orthogonal_gradient, (result.gradient, result.gradient_at_w))
+    loss = state.perturbed_loss if result.loss is None else result.loss
+    return _common.cast_like(result.gradient, updates), orthogonal, loss
 
-  def cheap_step_fn(updates, averaged_gradient, state):
+  def cheap_step_fn(updates, state):
+    averaged_gradient = _common.axis_mean(updates, axis_name)
     orthogonal = state.orthogonal_gradient
     gradient_norm = jnp.sqrt(_common.tree_vdot(averaged_gradient, averaged_gradient))
     orthogonal_norm = jnp.sqrt(_common.tree_vdot(orthogonal, orthogonal))
@@ -128,27 +140,27 @@ def looksam_perturb(
         averaged_gradient,
         orthogonal,
     )
-    return _common.cast_like(out, updates), orthogonal
+    return _common.cast_like(out, updates), orthogonal, state.perturbed_loss
 
   def update_fn(updates, state, params=None, full_step=None, **extra_args):
     if params is None:
       raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
+    _common.check_not_masked((updates, params), name)
     _common.check_same_tree(params, updates, name + " (incoming updates)")
-    averaged_gradient = _common.axis_mean(updates, axis_name)
     if full_step is None:
       full_step = state.count % k == 0
     if isinstance(full_step, (bool, np.bool_)):
       if full_step:
-        out, orthogonal = full_step_fn(updates, averaged_gradient, state, params, extra_args)
+        out, orthogonal, loss = full_step_fn(updates, state, params, extra_args)
       else:
-        out, orthogonal = cheap_step_fn(updates, averaged_gradient, state)
+        out, orthogonal, loss = cheap_step_fn(updates, state)
     else:
-      out, orthogonal = jax.lax.cond(
+      out, orthogonal, loss = jax.lax.cond(
           jnp.asarray(full_step, bool),
-          lambda: full_step_fn(updates, averaged_gradient, state, params, extra_args),
-          lambda: cheap_step_fn(updates, averaged_gradient, state),
+          lambda: full_step_fn(updates, state, params, extra_args),
+          lambda: cheap_step_fn(updates, state),
       )
-    new_state = LookSAMState(count=optax.safe_increment(state.count), orthogonal_gradient=orthogonal)
+    new_state = LookSAMState(optax.safe_increment(state.count), orthogonal, loss)
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,7 +14,8 @@ normalisation operator ``T_w = |w|``::
 
     eps(w) = rho * T_w * dual(T_w * g),   for p = 2:  rho * w^2 * g / ||w * g||_2.
 
-All norms are computed in float32 (or wider) whatever the leaves' dtype, with
+All norms are computed in float32 whatever the leaves' dtype (in float64 when
+x64 is enabled and a leaf is float64), with
 the gradient first divided by its largest magnitude so that huge gradients do
 not overflow; a zero gradient gives a zero perturbation, never NaN.
 """
@@ -29,11 +30,19 @@ import jax.numpy as jnp
 from sam_optax import _common
 
 
-def _tree_max_abs(leaves: list[jax.Array]) -> jax.Array:
-  maxima = [jnp.max(jnp.abs(leaf)) for leaf in leaves if leaf.size > 0]
+def _widest_dtype(leaves: list[jax.Array]) -> Any:
+  """The widest of the leaves' compute dtypes: float32, or float64 under x64."""
+  dtype = jnp.dtype(jnp.float32)
+  for leaf in leaves:
+    dtype = jnp.promote_types(dtype, _common.compute_dtype(leaf.dtype))
+  return dtype
+
+
+def _tree_max_abs(leaves: list[jax.Array], dtype: Any) -> jax.Array:
+  maxima = [jnp.max(jnp.abs(leaf)).astype(dtype) for leaf in leaves if leaf.size > 0]
   if not maxima:
-    return jnp.zeros([], jnp.float32)
-  return jnp.max(jnp.stack([m.astype(jnp.float32) for m in maxima]))
+    return jnp.zeros([], dtype)
+  return jnp.max(jnp.stack(maxima))
 
 
 def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
@@ -55,7 +64,8 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
 
   Returns:
     A pytree like ``gradient`` (same dtypes). The math is done in float32 for
-    low-precision leaves and cast back.
+    low-precision leaves and cast back; norms are float64 when any leaf is
+    float64 (``jax_enable_x64``).
 
   Example::
 
@@ -72,14 +82,15 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
   else:
     # Scale by the largest magnitude: dual(g) = dual(g / a), and the squares
     # of g / a cannot overflow even for |g| ~ 1e30.
-    scale = _tree_max_abs(work)
-    safe_scale = jnp.where(scale > 0, scale, 1.0)
+    norm_dtype = _widest_dtype(work)
+    scale = _tree_max_abs(work, norm_dtype)
+    safe_scale = jnp.where(scale > 0, scale, jnp.ones([], norm_dtype))
     unit = [leaf / safe_scale.astype(leaf.dtype) for leaf in work]
     if q == 2.0:
-      norm_power = jnp.sqrt(sum(jnp.sum(jnp.square(u), dtype=jnp.float32) for u in unit))
+      norm_power = jnp.sqrt(sum(jnp.sum(jnp.square(u), dtype=norm_dtype) for u in unit))
       numerators = unit
     else:
-      norm = sum(jnp.sum(jnp.abs(u) ** q, dtype=jnp.float32) for u in unit) ** (1.0 / q)
+      norm = sum(jnp.sum(jnp.abs(u) ** q, dtype=norm_dtype) for u in unit) ** (1.0 / q)
       norm_power = norm ** (q - 1.0)
       numerators = [jnp.sign(u) * jnp.abs(u) ** (q - 1.0) for u in unit]
     # ||g||^(q-1) + eps  ==  a^(q-1) * (||g/a||^(q-1) + eps / a^(q-1)).
@@ -130,7 +141,7 @@ def perturbation(
   """
   if adaptive and params is None:
     raise ValueError("perturbation: adaptive=True (ASAM) needs params.")
-  rho = jnp.asarray(rho, jnp.float32)
+  rho = jnp.asarray(rho)
   mask_tree = _common.resolve_mask(mask, params if params is not None else gradient)
   gradient = _common.apply_mask(gradient, mask_tree, "perturbation")
   if adaptive:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +13,17 @@ from sam_optax._second_pass import make_second_pass
 
 
 class SAMState(NamedTuple):
-  """State of :func:`sam_perturb`: the step count (drives a ``rho`` schedule)."""
+  """State of :func:`sam_perturb` (and :func:`gsam_perturb`).
+
+  Attributes:
+    count: the step count (drives a ``rho`` schedule).
+    perturbed_loss: ``L(w + eps)`` of the last step (float32 scalar), with
+      ``value_and_grad=True``; 0 otherwise. Read it with
+      ``optax.tree_utils.tree_get(opt_state, "perturbed_loss")``.
+  """
 
   count: jax.Array
+  perturbed_loss: jax.Array
 
 
 def sam_perturb(
@@ -28,6 +36,9 @@ def sam_perturb(
     axis_name: _common.AxisName = None,
     sync_perturbation: bool = False,
     mask: Any = None,
+    value_and_grad: bool = False,
+    group_size: Optional[int] = None,
+    batch_argnames: Sequence[str] = ("batch",),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (SAM) and its adaptive form (ASAM).
 
@@ -93,16 +104,18 @@ def sam_perturb(
     Generalization", ICLR 2021. Kwon et al., "ASAM: Adaptive Sharpness-Aware
     Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021.
   """
-  second_pass = make_second_pass(grad_fn, "sam_perturb", rho=rho, p=p, adaptive=adaptive, eps=eps,
-                                 mask=mask, axis_name=axis_name)
+  second_pass = make_second_pass(
+      grad_fn, "sam_perturb", rho=rho, p=p, adaptive=adaptive, eps=eps, mask=mask,
+      axis_name=axis_name, sync_perturbation=sync_perturbation,
+      value_and_grad=value_and_grad, group_size=group_size, batch_argnames=batch_argnames)
 
   def init_fn(params):
     del params
-    return SAMState(count=jnp.zeros([], jnp.int32))
+    return SAMState(count=jnp.zeros([], jnp.int32), perturbed_loss=jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    direction = _common.axis_mean(updates, axis_name) if sync_perturbation else updates
-    perturbed_gradient = second_pass(direction, params, state.count, extra_args)
-    return perturbed_gradient, SAMState(count=optax.safe_increment(state.count))
+    result = second_pass(updates, params, state.count, extra_args, lambda g: g)
+    perturbed_loss = state.perturbed_loss if result.loss is None else result.loss
+    return result.gradient, SAMState(optax.safe_increment(state.count), perturbed_loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

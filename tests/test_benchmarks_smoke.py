@@ -12,6 +12,9 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 @pytest.mark.parametrize("script,expected", [
     ("step_speed.py", ["correctness: sam_perturb step == hand-written SAM step == optax.contrib.sam step: OK",
                        "| step | ms/step | × base |", "| target | measured | verdict |"]),
+    ("memory_and_groups.py", ["target: n=4 temp bytes <= 0.4x n=1",
+                              "target: every n equals the big-batch SAM step (<= 1e-5): ",
+                              "| m=8 |"]),
     ("hessian_benchmark.py", ["| HVP / gradient time |", "| method | HVPs |"]),
 ])
 def test_benchmark_smoke(script, expected):
