@@ -1,6 +1,6 @@
 """sam_optax.analysis vs PyHessian on the same float32 weights, side by side in one run.
 
-Needs the optional extra: ``pip install torch`` then ``pip install pyhessian --no-deps``
+Needs the optional extra: ``pip install torch pyhessian``
 (``pip install -e '.[pyhessian]'``; CI does not install it, and no test imports torch).
 
 Models (digits 8x8, 4 batches of 128 examples, the data the issue's table used):
