@@ -160,18 +160,23 @@ def _normalize_impl(w, block):
 
 
 def _combine_impl(accumulator, coefficients, vectors):
-  """``accumulator + sum_i coefficients[i] * vectors[i]`` (``accumulator`` may be None)."""
+  """``accumulator + [sum_i coefficients[i, k] * vectors[i]]_k``: ``k`` combinations in one read of ``vectors``.
+
+  ``coefficients`` is (len(vectors), k); every output leaf gets a leading axis of size k.
+  """
   def leaf(*xs):
-    total = sum(c.astype(x.dtype) * x for c, x in zip(coefficients, xs))
-    return total
+    return sum(jnp.reshape(c, c.shape + (1,) * x.ndim).astype(x.dtype) * x[None] for c, x in zip(coefficients, xs))
   total = jax.tree.map(leaf, *vectors)
   if accumulator is None:
     return total
   return jax.tree.map(jnp.add, accumulator, total)
 
 
-def _cast_like_impl(tree, like):
-  return jax.tree.map(lambda x, p: x.astype(p.dtype), tree, like)
+def _split_impl(stacked, like):
+  """Unit-normalised rows of a stacked tree, each cast to the dtypes of ``like``."""
+  stacked, _ = _normalize_impl(stacked, True)
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda x, p: x[i].astype(p.dtype), stacked, like) for i in range(count)]
 
 
 _local_step = jax.jit(_local_step_impl, static_argnums=4, donate_argnums=0)
@@ -179,7 +184,7 @@ _project_out = jax.jit(_project_out_impl, static_argnums=2, donate_argnums=0)
 _scale = jax.jit(_scale_impl, static_argnums=2, donate_argnums=0)
 _normalize = jax.jit(_normalize_impl, static_argnums=1)
 _combine = jax.jit(_combine_impl, donate_argnums=0)
-_cast_like = jax.jit(_cast_like_impl)
+_split = jax.jit(_split_impl)
 
 
 # --------------------------------------------------------------------------
@@ -419,11 +424,11 @@ class _Ops(NamedTuple):
   scale: Callable
   normalize: Callable
   combine: Callable
-  cast_like: Callable
+  split: Callable
 
 
-_JITTED = _Ops(_local_step, _project_out, _scale, _normalize, _combine, _cast_like)
-_EAGER = _Ops(_local_step_impl, _project_out_impl, _scale_impl, _normalize_impl, _combine_impl, _cast_like_impl)
+_JITTED = _Ops(_local_step, _project_out, _scale, _normalize, _combine, _split)
+_EAGER = _Ops(_local_step_impl, _project_out_impl, _scale_impl, _normalize_impl, _combine_impl, _split_impl)
 
 
 class LanczosResult(NamedTuple):
@@ -527,14 +532,17 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   return np.asarray(alphas), np.asarray(betas), basis, lengths
 
 
-def _ritz_vector(ops: _Ops, basis: list, coefficients: np.ndarray, like: Any) -> Any:
-  """``sum_j coefficients[j] q_j``, normalised and cast to the dtypes of ``like``."""
+def _ritz_vectors(ops: _Ops, basis: list, coefficients: np.ndarray, like: Any) -> list:
+  """``y_k = sum_j coefficients[j, k] q_j`` for every column ``k``, normalised, cast like ``like``.
+
+  All columns in one read of the basis; each ``y_k`` has the shardings of ``like``.
+  """
   accumulator = None
   dtype = _accumulation_dtype()
   for a, b in _group_bounds(len(basis)):
     accumulator = ops.combine(accumulator, jnp.asarray(coefficients[a:b], dtype), tuple(basis[a:b]))
-  vector, _ = ops.normalize(accumulator, False)
-  return _relayout(ops.cast_like(vector, like), _leaf_shardings(like, stacked=False))
+  layout = _leaf_shardings(like, stacked=False)
+  return [_relayout(vector, layout) for vector in ops.split(accumulator, like)]
 
 
 def lanczos(
@@ -696,7 +704,7 @@ def hessian_eigenvalues(
                    converged=converged, min_iters=top_k + 1)
   order = np.argsort(-np.abs(result.ritz_values))[:top_k]
   ops = _lanczos_ops(jit)
-  vectors = [_ritz_vector(ops, result.basis, result.ritz_vectors[:, i], operator.params) for i in order]
+  vectors = _ritz_vectors(ops, result.basis, result.ritz_vectors[:, order], operator.params)
   return EigenResult(result.ritz_values[order], vectors, operator.counter[0], result.residuals[order])
 
 
