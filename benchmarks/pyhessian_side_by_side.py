@@ -106,6 +106,16 @@ class CountingPyHessian(PyHessian):
     return super().dataloader_hv_product(v)
 
 
+def print_table(rows):
+  print("\n| model | params | quantity | sam_optax | PyHessian | ratio (95 % CI) | notes | verdict |")
+  print("|---|---:|---|---:|---:|---:|---|---|")
+  for name, count, what, ours, theirs, ratio, notes, ok in rows:
+    scale = "ms" in what
+    ci = f" ({ratio[1]:.2f}–{ratio[2]:.2f})" if ratio[1] != ratio[0] else ""
+    print(f"| {name} | {count:,} | {what} | {ours:.{1 if scale else 2}f} | {theirs:.{1 if scale else 2}f} | "
+          f"{ratio[0]:.2f}x{ci} | {notes} | {'' if ok is None else verdict(ok)} |")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rounds", type=int, default=8)
@@ -203,14 +213,9 @@ def main(argv=None) -> int:
                  + ("; target <= 0.7x" if name == "CNN" else ""),
                  (ours_time / their_time <= 0.7) if name == "CNN" else None))
     print(f"{name}: {count:,} params, top-5 reference {np.array2string(reference, precision=5)}", flush=True)
+    print_table([row for row in rows if row[0] == name])
+    sys.stdout.flush()
 
-  print("\n| model | params | quantity | sam_optax | PyHessian | ratio (95 % CI) | notes | verdict |")
-  print("|---|---:|---|---:|---:|---:|---|---|")
-  for name, count, what, ours, theirs, ratio, notes, ok in rows:
-    scale = "ms" in what
-    ci = f" ({ratio[1]:.2f}–{ratio[2]:.2f})" if ratio[1] != ratio[0] else ""
-    print(f"| {name} | {count:,} | {what} | {ours:.{1 if scale else 2}f} | {theirs:.{1 if scale else 2}f} | "
-          f"{ratio[0]:.2f}x{ci} | {notes} | {'' if ok is None else verdict(ok)} |")
   return 0
 
 
