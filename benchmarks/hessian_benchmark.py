@@ -4,13 +4,24 @@
    on a CNN and an MLP.
 2. HVPs needed for the top eigenvalue of a >= 1M-parameter MLP to 1e-3
    relative accuracy (target <= 30): ``sam_optax.analysis.hessian_eigenvalues``
-   (Lanczos, full reorthogonalisation, float64 on the host) vs. a power
+   (Lanczos, full reorthogonalisation, on the devices) vs. a power
    iteration configured like PyHessian's defaults (maxIter=100, tol=1e-3 on the
    relative change of the eigenvalue) vs. matfree's jitted Lanczos
    (``matfree.decomp.tridiag_sym``, fixed depth, full reorthogonalisation);
    the reference is a long Lanczos run (tol 1e-9).
 3. The design question of jax-ml/jax#12868: time per HVP when the HVP is a
    separately jitted call driven by a host loop vs. inside ``lax.fori_loop``.
+4. The analysis on the devices, on a >= 10M-parameter MLP (2 batches): one
+   multi-batch HVP (``hessian_operator(...).matvec``, on device), then
+   ``hessian_eigenvalues(top_k=5, max_iters=100)``: total time / (HVPs used x
+   one HVP) (target <= 1.1x) and the peak resident memory growth during the
+   call (``/proc/self/status`` VmHWM, reset before it; target <= 0.5 GB), with
+   the bytes of the Krylov basis that lives in device memory (which *is* host
+   memory on XLA:CPU); and Hutchinson's trace with 100 probes on the CNN (probe
+   blocks of 10 through ``jax.vmap``) against 100 single HVPs.
+
+PyHessian itself, on the same weights: ``benchmarks/pyhessian_side_by_side.py``
+(needs the optional ``pyhessian`` extra).
 
 Usage::
 
@@ -21,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -33,6 +45,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
 from common import interleaved_medians, verdict, xla_figures  # noqa: E402
 from sam_optax import analysis  # noqa: E402
 
@@ -79,15 +92,25 @@ def make_loss(model):
   return loss_fn
 
 
-def pyhessian_power_iteration(matvec, dim, key, max_iter=100, tol=1e-3):
-  """PyHessian's ``hessian.eigenvalues`` for top_n=1: normalised power iteration."""
-  v = np.asarray(jax.random.normal(key, (dim,)), np.float64)
-  v /= np.linalg.norm(v)
+def _tree_dot(a, b):
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+_normalized = jax.jit(lambda v: jax.tree.map(lambda x: x / jnp.sqrt(_tree_dot(v, v)), v))
+_rayleigh = jax.jit(_tree_dot)
+
+
+def pyhessian_power_iteration(matvec, params, key, max_iter=100, tol=1e-3):
+  """PyHessian's ``hessian.eigenvalues`` for top_n=1: normalised power iteration (on pytrees)."""
+  keys = jax.random.split(key, len(jax.tree.leaves(params)))
+  v = jax.tree.unflatten(jax.tree.structure(params),
+                         [jax.random.normal(k, p.shape) for k, p in zip(keys, jax.tree.leaves(params))])
+  v = _normalized(v)
   eigenvalue = None
   for i in range(max_iter):
     hv = matvec(v)
-    new = float(hv @ v)
-    v = hv / np.linalg.norm(hv)
+    new = float(_rayleigh(hv, v))
+    v = _normalized(hv)
     if eigenvalue is not None and abs(eigenvalue - new) / (abs(eigenvalue) + 1e-6) < tol:
       return new, i + 1
     eigenvalue = new
@@ -100,6 +123,7 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--seeds", type=int, default=3, help="start vectors for the eigenvalue comparison")
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--sections", default="1234", help="\"4\": only the on-device section (4); default: all")
   args = parser.parse_args(argv)
   hidden = (1024, 256)
   if args.quick:
@@ -107,6 +131,12 @@ def main(argv=None) -> int:
   batch, source = images(args.batch_size)
   print(f"data: {source}, batch {args.batch_size}, backend {jax.default_backend()}\n")
 
+  if "4" in args.sections:  # first: its memory figure wants a fresh process
+    large_section(args, batch, hidden=(4096, 2048) if not args.quick else (256, 128))
+    cnn_model = CNN()
+    trace_section(args, make_loss(cnn_model), cnn_model.init(jax.random.key(0), batch["x"][:1])["params"])
+  if "1" not in args.sections:
+    return 0
   # 1. HVP / gradient.
   rows = []
   for name, model in (("CNN", CNN()), ("MLP", MLP(hidden))):
@@ -165,7 +195,7 @@ def main(argv=None) -> int:
     times["Lanczos (sam_optax, defaults)"].append(time.perf_counter() - start)
     results["Lanczos (sam_optax, defaults)"].append((float(ours.eigenvalues[0]), ours.num_hvps))
     start = time.perf_counter()
-    value, hvps = pyhessian_power_iteration(operator.matvec, operator.dim, key)
+    value, hvps = pyhessian_power_iteration(operator.matvec, params, key)
     times["power iteration (PyHessian defaults)"].append(time.perf_counter() - start)
     results["power iteration (PyHessian defaults)"].append((value, hvps))
     if matfree is None:
@@ -214,6 +244,90 @@ def main(argv=None) -> int:
     print(f"| {name} | {1e3 * medians['host'] / iterations:.2f} | {1e3 * medians['loop'] / iterations:.2f} | "
           f"{medians['loop'] / medians['host']:.2f} |")
   return 0
+
+
+def peak_rss_reset() -> bool:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    return True
+  except OSError:
+    return False
+
+
+def memory_kib(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return -1
+
+
+def large_section(args, batch, hidden):
+  model = MLP(hidden)
+  params = model.init(jax.random.key(2), batch["x"][:1])["params"]
+  loss_fn = make_loss(model)
+  count = sum(p.size for p in jax.tree.leaves(params))
+  half = args.batch_size // 2
+  batches = [jax.tree.map(lambda x: x[:half], batch), jax.tree.map(lambda x: x[half:], batch)]
+  # Memory: the first call in this process (it includes XLA's compilation), peak RSS over RSS before it.
+  gc.collect()
+  reset = peak_rss_reset()
+  rss_before = memory_kib("VmRSS")
+  result = analysis.hessian_eigenvalues(loss_fn, params, batches, top_k=5, key=jax.random.key(0), max_iters=100)
+  jax.block_until_ready(result.eigenvectors)
+  growth_gb = (memory_kib("VmHWM") - rss_before) * 1024 / 1e9 if reset else float("nan")
+  del result
+  operator = analysis.hessian_operator(loss_fn, params, batches)
+  v = jax.tree.map(jnp.ones_like, params)
+  jax.block_until_ready(operator.matvec(v))
+  hvp_times = []
+  for _ in range(max(3, args.rounds // 2)):
+    start = time.perf_counter()
+    jax.block_until_ready(operator.matvec(v))
+    hvp_times.append(time.perf_counter() - start)
+  del operator, v
+  start = time.perf_counter()  # time: a second call (compiled), same key
+  result = analysis.hessian_eigenvalues(loss_fn, params, batches, top_k=5, key=jax.random.key(0), max_iters=100)
+  jax.block_until_ready(result.eigenvectors)
+  total = time.perf_counter() - start
+  hvp = float(np.median(hvp_times))
+  ratio = total / (result.num_hvps * hvp)
+  basis_gb = result.num_hvps * count * 4 / 1e9
+  print(f"\nAnalysis on the devices: MLP {hidden}, {count:,} parameters, 2 batches of {half}\n")
+  print("| quantity | value | target |")
+  print("|---|---:|---|")
+  print(f"| one multi-batch HVP (on device) | {1e3 * hvp:.0f} ms | |")
+  print(f"| top_k=5 (max_iters=100): HVPs, seconds | {result.num_hvps}, {total:.2f} s | |")
+  print(f"| top_k=5 time / (HVPs x one HVP) | {ratio:.2f}x | <= 1.1x: {verdict(ratio <= 1.1)} |")
+  print(f"| peak RSS growth during top_k=5 (first call, incl. compilation) | {growth_gb:.3f} GB | "
+        f"<= 0.5 GB: {verdict(growth_gb <= 0.5)} |")
+  print(f"| of which the Krylov basis ({result.num_hvps} float32 vectors, device memory = host RAM on CPU) "
+        f"| {basis_gb:.3f} GB | |")
+  print(f"| peak RSS growth beyond the device-resident basis | {growth_gb - basis_gb:.3f} GB | |")
+  print(f"| old design (host float64 basis of {result.num_hvps} x {count:,}, for comparison) | "
+        f"{result.num_hvps * count * 8 / 1e9:.3f} GB + copies | |")
+  print(f"| eigenvalues | {np.array2string(result.eigenvalues, precision=5)} | |")
+
+
+def trace_section(args, loss_fn, params):
+  batches = [jax.tree.map(jnp.asarray, b) for b in [images(args.batch_size, seed=1)[0]]]
+  operator = analysis.hessian_operator(loss_fn, params, batches)
+  v = jax.tree.map(jnp.ones_like, params)
+  jax.block_until_ready(operator.matvec(v))
+  probes = 100 if not args.quick else 10
+  analysis.hessian_trace(loss_fn, params, batches, probes, key=jax.random.key(0))  # compile
+  single = []
+  start = time.perf_counter()
+  for _ in range(probes // 10):
+    jax.block_until_ready(operator.matvec(v))
+  single = (time.perf_counter() - start) / (probes // 10)
+  start = time.perf_counter()
+  trace, stderr = analysis.hessian_trace(loss_fn, params, batches, probes, key=jax.random.key(1))
+  total = time.perf_counter() - start
+  print(f"\nHutchinson trace of the CNN, {probes} probes in blocks of 10 (jax.vmap): {total:.2f} s "
+        f"(tr = {trace:.4g} ± {stderr:.2g}); {probes} single HVPs would take {probes * single:.2f} s: "
+        f"{total / (probes * single):.2f}x")
 
 
 if __name__ == "__main__":

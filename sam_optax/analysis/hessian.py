@@ -15,15 +15,34 @@ Conventions shared by every function here:
                              batch['x'], train=False)      # running stats, no dropout
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch['y']).mean()
 
-Design. Each Hessian-vector product (HVP) is forward-over-reverse
-(``jax.jvp`` of ``jax.grad``) and one separately jitted call per batch; the
-Lanczos recurrence runs on the host in float64 with full
-reorthogonalisation. Two reasons: XLA:CPU runs convolutions inside
-``lax.fori_loop``/``scan``/``cond`` ~40x slower than outside (jax-ml/jax#12868),
-so a jitted Lanczos loop around a CNN's HVP is slow on CPU; and float64
-reorthogonalisation keeps the Krylov basis orthogonal even when the model is
-bf16/float32. The per-iteration host cost (a few vector operations on
-``num_params`` floats) is small next to an HVP.
+Where the work lives. Everything of size ``num_params`` stays on the devices,
+laid out like the params: every Krylov vector, probe and eigenvector is a
+pytree with the params' shapes and shardings (sharded params, e.g. FSDP, stay
+sharded; nothing is flattened with ``ravel_pytree`` or gathered onto one
+device), and the Lanczos basis is a Python list of such pytrees.
+
+* ``H v`` over several batches is ``sum_b (n_b / n) H_b v``: one jitted call
+  per batch adds its term into an on-device accumulator (donated, so updated in
+  place); nothing goes to the host between batches. Each ``H_b v`` is
+  forward-over-reverse (``jax.jvp`` of ``jax.grad``). When the batches'
+  linearisation residuals fit in :data:`LINEARIZE_BUDGET_BYTES`, the loss'
+  gradient is linearised once per batch (``jax.linearize``) and every later
+  product evaluates only the linear (tangent) part, like PyHessian's retained
+  double-backward graph.
+* Reorthogonalisation is jitted tree arithmetic on the devices: block
+  Gram-Schmidt against groups of up to 32 basis vectors per call, in float32
+  (float64 when ``jax_enable_x64`` is on), repeated once more when a pass
+  cancels more than ``1 - 1/sqrt(2)`` of the vector's norm (Daniel, Gragg,
+  Kaufman & Stewart 1976: "twice is enough").
+* Only the tridiagonal coefficients ``alpha_j, beta_j`` (scalars) go to the
+  host, where the small ``T`` is diagonalised in float64 to test convergence.
+* A Python loop drives the iterations: XLA:CPU runs a convolution inside
+  ``lax.fori_loop``/``scan``/``cond`` several times slower than outside
+  (jax-ml/jax#12868), and the loop lets Lanczos stop as soon as the wanted
+  Ritz pairs have converged.
+* Hutchinson (trace) and stochastic Lanczos quadrature (density) evaluate a
+  block of probes per call: ``jax.vmap`` over the probes shares the primal
+  forward/backward pass of each batch across the block.
 """
 
 from __future__ import annotations
@@ -36,9 +55,15 @@ from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Optional, Sequ
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding, PartitionSpec
 
 LossFn = Callable[[Any, Any], jax.Array]
+
+#: Linearise each batch's gradient once (and reuse it for every HVP) when the
+#: residuals of all batches together take at most this many bytes.
+LINEARIZE_BUDGET_BYTES = 1 << 30
+_GROUP_SIZES = (32, 8, 1)  # basis vectors per reorthogonalisation call
+_REORTH_AGAIN = 1 / math.sqrt(2)  # DGKS: a second pass when the norm drops below this fraction
 
 
 def batch_size(batch: Any) -> int:
@@ -56,6 +81,11 @@ def _as_batch_list(batches: Any) -> list:
   if not batches:
     raise ValueError("batches is empty")
   return batches
+
+
+def _accumulation_dtype():
+  """float32, or float64 when ``jax_enable_x64`` is on."""
+  return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
 def hvp(loss_fn: LossFn, params: Any, batch: Any, v: Any) -> Any:
@@ -85,96 +115,337 @@ def hvp(loss_fn: LossFn, params: Any, batch: Any, v: Any) -> Any:
   return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
 
 
-class FlatOperator(NamedTuple):
-  """The Hessian over several batches as a float64 matrix-free operator on flat vectors."""
-
-  matvec: Callable[[np.ndarray], np.ndarray]
-  dim: int
-  unravel: Callable[[np.ndarray], Any]
-  counter: list  # counter[0] = number of (full, all-batch) HVPs so far
+# --------------------------------------------------------------------------
+# Tree arithmetic. ``block=True``: every leaf has a leading probe axis and the
+# reductions are per probe.
 
 
-def _flat_product_impl(loss_fn: LossFn, params: Any, batch: Any, flat_v: jax.Array) -> jax.Array:
-  """Flat ``H v`` for flat ``v`` (the params' dtype inside, whatever ``flat_v``'s)."""
-  flat_params, unravel = ravel_pytree(params)
-  return ravel_pytree(hvp(loss_fn, params, batch, unravel(flat_v.astype(flat_params.dtype))))[0]
+def _dot(a: Any, b: Any, block: bool = False) -> jax.Array:
+  dtype = _accumulation_dtype()
+  total = 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    axes = tuple(range(1 if block else 0, x.ndim))
+    total = total + jnp.sum(x.astype(dtype) * y.astype(dtype), axis=axes)
+  return jnp.asarray(total, dtype)
 
 
-# ``loss_fn`` is static: JAX's jit cache then compiles the HVP once per loss
-# function (and shapes), so eigenvalues, trace and density of one loss share it.
-_flat_product = jax.jit(_flat_product_impl, static_argnums=0)
+def _scaled(c: jax.Array, x: jax.Array, block: bool) -> jax.Array:
+  """``c * x`` with ``c`` a scalar, or one coefficient per probe when ``block``."""
+  if block:
+    c = jnp.reshape(c, c.shape + (1,) * (x.ndim - 1))
+  return c.astype(x.dtype) * x
 
 
-def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = True) -> FlatOperator:
-  """``v -> H v`` on flat float64 vectors, H the Hessian of the batch-size-weighted mean loss.
+def _local_step_impl(w, q, q_prev, beta_prev, block):
+  """``alpha = <q, w>``; ``w - alpha q - beta_prev q_prev``; and the norm of the result."""
+  alpha = _dot(q, w, block)
+  w = jax.tree.map(lambda a, b, c: a - _scaled(alpha, b, block) - _scaled(beta_prev, c, block), w, q, q_prev)
+  return w, alpha, jnp.sqrt(_dot(w, w, block))
 
-  The jitted HVP is cached per ``loss_fn``, so repeated analyses of the same
-  loss (eigenvalues, trace, density) compile it once.
+
+def _project_out_impl(w, vectors, block):
+  """One classical Gram-Schmidt pass of ``w`` against ``vectors`` (a tuple); and the new norm."""
+  coefficients = [_dot(q, w, block) for q in vectors]
+  w = jax.tree.map(lambda a, *qs: a - sum(_scaled(c, x, block) for c, x in zip(coefficients, qs)), w, *vectors)
+  return w, jnp.sqrt(_dot(w, w, block))
+
+
+def _scale_impl(w, factor, block):
+  return jax.tree.map(lambda x: _scaled(factor, x, block), w)
+
+
+def _normalize_impl(w, block):
+  norm = jnp.sqrt(_dot(w, w, block))
+  return _scale_impl(w, 1.0 / norm, block), norm
+
+
+def _combine_impl(accumulator, coefficients, vectors):
+  """``accumulator + [sum_i coefficients[i, k] * vectors[i]]_k``: ``k`` combinations in one read of ``vectors``.
+
+  ``coefficients`` is (len(vectors), k); every output leaf gets a leading axis of size k.
+  """
+  def leaf(*xs):
+    return sum(jnp.reshape(c, c.shape + (1,) * x.ndim).astype(x.dtype) * x[None] for c, x in zip(coefficients, xs))
+  total = jax.tree.map(leaf, *vectors)
+  if accumulator is None:
+    return total
+  return jax.tree.map(jnp.add, accumulator, total)
+
+
+def _split_impl(stacked, like):
+  """Unit-normalised rows of a stacked tree, each cast to the dtypes of ``like``."""
+  stacked, _ = _normalize_impl(stacked, True)
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda x, p: x[i].astype(p.dtype), stacked, like) for i in range(count)]
+
+
+_local_step = jax.jit(_local_step_impl, static_argnums=4, donate_argnums=0)
+_project_out = jax.jit(_project_out_impl, static_argnums=2, donate_argnums=0)
+_scale = jax.jit(_scale_impl, static_argnums=2, donate_argnums=0)
+_normalize = jax.jit(_normalize_impl, static_argnums=1)
+_combine = jax.jit(_combine_impl, donate_argnums=0)
+_split = jax.jit(_split_impl)
+
+
+# --------------------------------------------------------------------------
+# Random vectors laid out like the params.
+
+
+def _stacked_sharding(sharding: Any) -> Any:
+  """The sharding of a leaf with an extra leading (probe or iteration) axis."""
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  return None
+
+
+def _leaf_shardings(params: Any, stacked: bool) -> Any:
+  def one(p):
+    sharding = getattr(p, "sharding", None)
+    return _stacked_sharding(sharding) if stacked else sharding
+  return jax.tree.map(one, params)
+
+
+def _relayout(tree: Any, shardings: Any) -> Any:
+  """``tree`` with exactly the given shardings.
+
+  Sharding propagation may label a result with an equivalent spec (``P('d')``
+  for ``P('d', None)``) or, for some programs, pick another layout; this puts
+  it back where the params live (a relabel when equivalent, else a reshard).
+  """
+  def one(x, sharding):
+    if sharding is None or x.sharding == sharding:
+      return x
+    return jax.device_put(x, sharding)
+  return jax.tree.map(one, tree, shardings)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_fn(treedef, shapes: tuple, shardings: tuple, num: Optional[int], kind: str, dtype):
+  def draw(keys):
+    def one(key):
+      leaves = []
+      for index, shape in enumerate(shapes):
+        leaf_key = jax.random.fold_in(key, index)
+        if kind == "normal":
+          leaves.append(jax.random.normal(leaf_key, shape, dtype))
+        else:
+          leaves.append(jax.random.rademacher(leaf_key, shape, dtype))
+      return jax.tree.unflatten(treedef, leaves)
+    return one(keys) if num is None else jax.vmap(one)(keys)
+  out = None if any(s is None for s in shardings) else jax.tree.unflatten(treedef, list(shardings))
+  return jax.jit(draw, out_shardings=out)
+
+
+def _random_like(params: Any, keys: jax.Array, kind: str) -> Any:
+  """Random pytree(s) shaped and sharded like ``params``, in the accumulation dtype.
+
+  ``keys`` is one key (one pytree) or a 1-D array of keys (a block: every leaf
+  gets a leading probe axis). Leaf ``i`` of the vector for key ``k`` is drawn
+  from ``fold_in(k, i)``, so the values depend on the key only — not on the
+  sharding, nor on how probes are grouped into blocks.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  num = None if keys.ndim == 0 else int(keys.shape[0])
+  shardings = jax.tree.leaves(_leaf_shardings(params, stacked=num is not None),
+                              is_leaf=lambda x: x is None)
+  fn = _random_fn(treedef, tuple(tuple(np.shape(x)) for x in leaves), tuple(shardings), num, kind,
+                  _accumulation_dtype())
+  return fn(keys)
+
+
+# --------------------------------------------------------------------------
+# The multi-batch Hessian operator.
+
+
+def _tangent(params, v):
+  return jax.tree.map(lambda p, t: t.astype(p.dtype), params, v)
+
+
+def _hvp_block(loss_fn, params, batch, v, block):
+  if not block:
+    return hvp(loss_fn, params, batch, v)
+  return jax.vmap(lambda t: hvp(loss_fn, params, batch, t))(v)
+
+
+def _accumulate(accumulator, weight, product):
+  dtype = _accumulation_dtype()
+  if accumulator is None:
+    return jax.tree.map(lambda h: weight * h.astype(dtype), product)
+  return jax.tree.map(lambda a, h: a + weight * h.astype(dtype), accumulator, product)
+
+
+def _hvp_into_impl(loss_fn, block, accumulator, weight, params, batch, v):
+  """``accumulator + weight * H_batch v`` (one batch's term of the multi-batch HVP)."""
+  return _accumulate(accumulator, weight, _hvp_block(loss_fn, params, batch, v, block))
+
+
+def _linear_hvp_into_impl(block, accumulator, weight, linear, params, v):
+  """Same as :func:`_hvp_into_impl` with the batch's gradient linearised beforehand."""
+  v = jax.vmap(_tangent, (None, 0))(params, v) if block else _tangent(params, v)
+  return _accumulate(accumulator, weight, jax.vmap(linear)(v) if block else linear(v))
+
+
+def _quadratic_forms(v, product):
+  return _dot(v, product, block=True)
+
+
+def _quad_into_impl(loss_fn, accumulator, weight, params, batch, v):
+  """``accumulator + weight * [v_r^T H_batch v_r]_r`` for a block of probes."""
+  forms = weight * _quadratic_forms(v, _hvp_block(loss_fn, params, batch, v, True))
+  return forms if accumulator is None else accumulator + forms
+
+
+def _linear_quad_into_impl(accumulator, weight, linear, params, v):
+  forms = weight * _quadratic_forms(v, jax.vmap(linear)(jax.vmap(_tangent, (None, 0))(params, v)))
+  return forms if accumulator is None else accumulator + forms
+
+
+def _linearize_impl(loss_fn, params, batch):
+  return jax.linearize(lambda p: jax.grad(loss_fn)(p, batch), params)[1]
+
+
+# ``loss_fn`` (and ``block``) are static: JAX's jit cache compiles each
+# product once per loss function and shapes, so eigenvalues, trace and density
+# of one loss share it. The accumulator is donated: updated in place.
+_hvp_into = jax.jit(_hvp_into_impl, static_argnums=(0, 1), donate_argnums=2)
+_linear_hvp_into = jax.jit(_linear_hvp_into_impl, static_argnums=0, donate_argnums=1)
+_quad_into = jax.jit(_quad_into_impl, static_argnums=0, donate_argnums=1)
+_linear_quad_into = jax.jit(_linear_quad_into_impl, donate_argnums=0)
+_linearize = jax.jit(_linearize_impl, static_argnums=0)
+
+
+def _tree_bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class HessianOperator(NamedTuple):
+  """``H`` of the batch-size-weighted mean loss, as products with pytrees on the devices.
+
+  Attributes:
+    matvec: ``v -> H v`` for a pytree ``v`` like the params (accumulation dtype).
+    matvec_block: the same for a block of vectors (every leaf with a leading
+      probe axis), vmapped over the probes.
+    quadratic_forms: a block of probes ``V -> [v_r^T H v_r]_r``, shape (probes,).
+    params: the params (``jnp`` arrays, their shardings kept).
+    num_params: the dimension of ``H``.
+    linearized: whether each batch's gradient was linearised once up front.
+    counter: ``counter[0]`` is the number of (all-batch) products so far;
+      a block of ``r`` probes counts ``r``.
+  """
+
+  matvec: Callable[[Any], Any]
+  matvec_block: Callable[[Any], Any]
+  quadratic_forms: Callable[[Any], jax.Array]
+  params: Any
+  num_params: int
+  linearized: bool
+  counter: list
+
+
+def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = True,
+                     linearize: Optional[bool] = None) -> HessianOperator:
+  """``v -> H v`` on pytrees laid out like ``params``, H the Hessian of the batch-size-weighted mean loss.
+
+  ``H v = sum_b (n_b / n) H_b v``, accumulated on the devices with one jitted
+  call per batch (no host round trip between batches); the result has the
+  params' shapes and shardings, in float32 (float64 under ``jax_enable_x64``).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar mean loss``.
+    params: where the Hessian is taken (sharded params stay sharded).
+    batches: a sequence of batches.
+    jit: jit the products (default True; False for debugging).
+    linearize: linearise each batch's gradient once (``jax.linearize``) and
+      reuse it for every product — each HVP then costs only the tangent pass,
+      at the memory of the residuals (activations) of all batches. ``None``
+      (default): when those residuals fit in :data:`LINEARIZE_BUDGET_BYTES`.
+
+  Example::
+
+      >>> import jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)   # H = diag(batch)
+      >>> operator = analysis.hessian_operator(loss_fn, jnp.ones(2), [jnp.array([2.0, 3.0])])
+      >>> operator.matvec(jnp.ones(2))
+      Array([2., 3.], dtype=float32)
   """
   batches = _as_batch_list(batches)
+  params = jax.tree.map(jnp.asarray, params)
   weights = np.array([batch_size(b) for b in batches], np.float64)
-  weights /= weights.sum()
-  flat_params, unravel = ravel_pytree(params)
-  dtype = flat_params.dtype
-  product = functools.partial(_flat_product if jit else _flat_product_impl, loss_fn)
+  weights = [float(w) for w in weights / weights.sum()]
+  num_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
   counter = [0]
+  if not jit:
+    linearize = False
+  if linearize is None:
+    residual_bytes = sum(_tree_bytes(_linearize.eval_shape(loss_fn, params, b))
+                         for b in batches)
+    linearize = residual_bytes <= LINEARIZE_BUDGET_BYTES
+  linears = [_linearize(loss_fn, params, b) for b in batches] if linearize else None
+  hvp_into = _hvp_into if jit else _hvp_into_impl
+  quad_into = _quad_into if jit else _quad_into_impl
+  layouts = {False: _leaf_shardings(params, stacked=False), True: _leaf_shardings(params, stacked=True)}
 
-  def matvec(vector: np.ndarray) -> np.ndarray:
-    counter[0] += 1
-    flat_v = jnp.asarray(vector, dtype)
-    out = np.zeros(vector.shape, np.float64)
-    for weight, batch in zip(weights, batches):
-      out += weight * np.asarray(product(params, batch, flat_v), np.float64)
-    return out
+  def apply(v, block):
+    counter[0] += int(jax.tree.leaves(v)[0].shape[0]) if block else 1
+    accumulator = None
+    if linears is not None:
+      for weight, linear in zip(weights, linears):
+        accumulator = _linear_hvp_into(block, accumulator, weight, linear, params, v)
+    else:
+      for weight, batch in zip(weights, batches):
+        accumulator = hvp_into(loss_fn, block, accumulator, weight, params, batch, v)
+    return _relayout(accumulator, layouts[block])
 
-  return FlatOperator(matvec, int(flat_params.size), lambda x: unravel(jnp.asarray(x, dtype)), counter)
+  def quadratic_forms(v):
+    counter[0] += int(jax.tree.leaves(v)[0].shape[0])
+    accumulator = None
+    if linears is not None:
+      for weight, linear in zip(weights, linears):
+        accumulator = _linear_quad_into(accumulator, weight, linear, params, v)
+    else:
+      for weight, batch in zip(weights, batches):
+        accumulator = quad_into(loss_fn, accumulator, weight, params, batch, v)
+    return accumulator
+
+  return HessianOperator(lambda v: apply(v, False), lambda v: apply(v, True), quadratic_forms, params,
+                         num_params, bool(linearize), counter)
+
+
+# --------------------------------------------------------------------------
+# Lanczos on pytrees.
+
+
+class _Ops(NamedTuple):
+  local_step: Callable
+  project_out: Callable
+  scale: Callable
+  normalize: Callable
+  combine: Callable
+  split: Callable
+
+
+_JITTED = _Ops(_local_step, _project_out, _scale, _normalize, _combine, _split)
+_EAGER = _Ops(_local_step_impl, _project_out_impl, _scale_impl, _normalize_impl, _combine_impl, _split_impl)
 
 
 class LanczosResult(NamedTuple):
-  ritz_values: np.ndarray  # eigenvalues of T, ascending
-  ritz_vectors: np.ndarray  # eigenvectors of T (columns)
-  basis: np.ndarray  # Krylov basis Q, shape (iterations, dim)
-  residuals: np.ndarray  # |beta_m * s_{m,i}|, the residual norm of each Ritz pair
+  """Lanczos tridiagonalisation ``Q^T H Q = T``.
 
-
-def lanczos(
-    matvec: Callable[[np.ndarray], np.ndarray],
-    start: np.ndarray,
-    max_iters: int,
-    *,
-    converged: Optional[Callable[[np.ndarray, np.ndarray], bool]] = None,
-    min_iters: int = 1,
-) -> LanczosResult:
-  """Lanczos tridiagonalisation with full (twice-applied) reorthogonalisation, float64.
-
-  Stops after ``max_iters`` iterations, when the Krylov space is invariant
-  (``beta`` ~ 0), or when ``converged(ritz_values, residuals)`` says so.
+  Attributes:
+    ritz_values: eigenvalues of ``T``, ascending (float64, on the host).
+    ritz_vectors: eigenvectors of ``T`` (columns; float64, on the host).
+    basis: the Krylov basis ``Q``: a list of unit pytrees like the start
+      vector, on its devices and with its shardings.
+    residuals: ``|beta_m s_{m,i}|``, the residual norm of each Ritz pair.
   """
-  dim = start.size
-  max_iters = max(1, min(max_iters, dim))
-  basis = np.zeros((max_iters, dim))
-  alphas, betas = [], []
-  q = start / np.linalg.norm(start)
-  for j in range(max_iters):
-    basis[j] = q
-    w = matvec(q)
-    alpha = float(q @ w)
-    w = w - alpha * q - (betas[-1] * basis[j - 1] if j > 0 else 0.0)
-    for _ in range(2):  # full reorthogonalisation, twice is enough (Parlett)
-      w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-    beta = float(np.linalg.norm(w))
-    alphas.append(alpha)
-    iterations = j + 1
-    values, vectors = _tridiagonal_eigh(alphas, betas)
-    residuals = np.abs(beta * vectors[-1, :])
-    scale = max(1.0, float(np.max(np.abs(values))))
-    if beta <= 1e-10 * scale or iterations == max_iters:
-      break
-    if iterations >= min_iters and converged is not None and converged(values, residuals):
-      break
-    betas.append(beta)
-    q = w / beta
-  return LanczosResult(values, vectors, basis[:iterations], residuals)
+
+  ritz_values: np.ndarray
+  ritz_vectors: np.ndarray
+  basis: list
+  residuals: np.ndarray
 
 
 def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]):
@@ -186,8 +457,134 @@ def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]):
   return np.linalg.eigh(tridiagonal)
 
 
-def _start_vector(key: jax.Array, dim: int) -> np.ndarray:
-  return np.asarray(jax.random.normal(key, (dim,), jnp.float32), np.float64)
+def _group_bounds(count: int) -> list:
+  """Split ``range(count)`` into groups of 32, then 8, then 1 vectors (e.g. 43 = 32 + 8 + 1 + 1 + 1).
+
+  Few dispatches per pass (at most ``count / 32 + 10``), no padding, and only
+  three group sizes to compile.
+  """
+  bounds, start = [], 0
+  for size in _GROUP_SIZES:
+    while count - start >= size:
+      bounds.append((start, start + size))
+      start += size
+  return bounds
+
+
+def _groups(basis: list):
+  return [tuple(basis[a:b]) for a, b in _group_bounds(len(basis))]
+
+
+def _orthogonalise(ops: _Ops, w: Any, basis: list, block: bool):
+  norm = None
+  for group in _groups(basis):
+    w, norm = ops.project_out(w, group, block)
+  return w, norm
+
+
+def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converged=None, min_iters: int = 1):
+  """Lanczos with full reorthogonalisation; vectors on the devices, ``alpha``/``beta`` on the host.
+
+  Returns ``(alphas, betas, basis, lengths)``: ``alphas``/``betas`` are
+  (iterations, probes) float64 arrays, ``lengths[r]`` the number of valid
+  iterations of probe ``r`` (shorter after a breakdown, ``beta ~ 0``).
+  """
+  layout = jax.tree.map(lambda x: x.sharding, start)
+  q, _ = ops.normalize(start, block)
+  q = _relayout(q, layout)
+  dtype = _accumulation_dtype()
+  num = int(jax.tree.leaves(q)[0].shape[0]) if block else 1
+  basis, alphas, betas = [], [], []
+  lengths = np.full(num, max_iters)
+  done = np.zeros(num, bool)
+  q_prev, beta_prev = q, np.zeros(num if block else (), dtype)
+  for j in range(max_iters):
+    basis.append(q)
+    w = matvec(q)
+    w, alpha, norm_local = ops.local_step(w, q, q_prev, beta_prev, block)
+    w, norm = _orthogonalise(ops, w, basis, block)
+    alpha, norm_local, norm = (np.atleast_1d(np.asarray(x, np.float64)) for x in jax.device_get((alpha, norm_local, norm)))
+    if np.any(norm < _REORTH_AGAIN * norm_local):  # DGKS: cancellation, so once more
+      w, norm = _orthogonalise(ops, w, basis, block)
+      norm = np.atleast_1d(np.asarray(jax.device_get(norm), np.float64))
+    alphas.append(alpha)
+    beta = norm
+    iterations = j + 1
+    # Invariant Krylov space (beta ~ 0 relative to ||T||, bounded by Gershgorin): that probe is finished.
+    norm_t = np.max(np.abs(np.asarray(alphas)), axis=0) + 2 * (np.max(np.asarray(betas), axis=0) if betas else 0.0)
+    finished = ~done & (beta <= 1e-10 * np.maximum(1.0, norm_t))
+    done[finished], lengths[finished] = True, iterations
+    if done.all() or iterations == max_iters:
+      break
+    if not block and iterations >= min_iters and converged is not None:
+      values, vectors = _tridiagonal_eigh([a[0] for a in alphas], [b[0] for b in betas])
+      if converged(values, np.abs(beta[0] * vectors[-1, :])):
+        lengths[0] = iterations
+        betas.append(beta)
+        break
+    betas.append(beta)
+    safe = np.where(done, 1.0, beta).astype(dtype)
+    q_prev, beta_prev = q, (safe if block else safe[0])
+    q = _relayout(ops.scale(w, (1.0 / safe) if block else (1.0 / safe[0]), block), layout)
+  lengths = np.minimum(lengths, len(alphas))
+  if len(betas) < len(alphas):
+    betas.append(beta)
+  return np.asarray(alphas), np.asarray(betas), basis, lengths
+
+
+def _ritz_vectors(ops: _Ops, basis: list, coefficients: np.ndarray, like: Any) -> list:
+  """``y_k = sum_j coefficients[j, k] q_j`` for every column ``k``, normalised, cast like ``like``.
+
+  All columns in one read of the basis; each ``y_k`` has the shardings of ``like``.
+  """
+  accumulator = None
+  dtype = _accumulation_dtype()
+  for a, b in _group_bounds(len(basis)):
+    accumulator = ops.combine(accumulator, jnp.asarray(coefficients[a:b], dtype), tuple(basis[a:b]))
+  layout = _leaf_shardings(like, stacked=False)
+  return [_relayout(vector, layout) for vector in ops.split(accumulator, like)]
+
+
+def lanczos(
+    matvec: Callable[[Any], Any],
+    start: Any,
+    max_iters: int,
+    *,
+    converged: Optional[Callable[[np.ndarray, np.ndarray], bool]] = None,
+    min_iters: int = 1,
+    jit: bool = True,
+) -> LanczosResult:
+  """Lanczos tridiagonalisation of a symmetric ``matvec`` with full reorthogonalisation.
+
+  ``start`` is any pytree of arrays (e.g. shaped and sharded like the params);
+  every Krylov vector is a pytree like it and stays where it lives. For
+  ``j = 0, 1, ...``: ``w = H q_j``, ``alpha_j = <q_j, w>``,
+  ``w -= alpha_j q_j + beta_{j-1} q_{j-1}``, then ``w`` is orthogonalised
+  against the whole basis (block Gram-Schmidt, repeated when a pass cancels
+  more than ``1 - 1/sqrt(2)`` of its norm), ``beta_j = ||w||``,
+  ``q_{j+1} = w / beta_j``. Inner products accumulate in float32 (float64
+  under ``jax_enable_x64``); only ``alpha_j, beta_j`` go to the host, where
+  ``T`` is diagonalised in float64.
+
+  Stops after ``max_iters`` iterations, when the Krylov space is invariant
+  (``beta`` ~ 0), or when ``converged(ritz_values, residuals)`` says so.
+
+  Example::
+
+      >>> import jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> result = analysis.lanczos(lambda v: jnp.array([3.0, 1.0]) * v, jnp.ones(2), 5)
+      >>> [round(float(x), 4) for x in result.ritz_values]
+      [1.0, 3.0]
+  """
+  ops = _JITTED if jit else _EAGER
+  start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
+  max_iters = max(1, min(max_iters, int(sum(np.size(x) for x in jax.tree.leaves(start)))))
+  alphas, betas, basis, lengths = _lanczos_run(ops, matvec, start, max_iters, False, converged, min_iters)
+  m = int(lengths[0])
+  values, vectors = _tridiagonal_eigh(alphas[:m, 0], betas[:m, 0])
+  residuals = np.abs(betas[m - 1, 0] * vectors[-1, :])
+  return LanczosResult(values, vectors, basis[:m], residuals)
 
 
 class _UnpacksAs:
@@ -232,6 +629,15 @@ class EigenResult(_UnpacksAs):
   residuals: np.ndarray
 
 
+def _start_vector(operator: HessianOperator, key: jax.Array) -> Any:
+  return _random_like(operator.params, key, "normal")
+
+
+def _lanczos_ops(jit: bool) -> _Ops:
+  del jit  # ``jit=False`` is for debugging the loss: only its HVP runs eagerly
+  return _JITTED
+
+
 def hessian_eigenvalues(
     loss_fn: LossFn,
     params: Any,
@@ -245,14 +651,18 @@ def hessian_eigenvalues(
 ) -> EigenResult:
   r"""The ``top_k`` Hessian eigenvalues of largest magnitude, and eigenvectors.
 
-  Lanczos with full reorthogonalisation from a Gaussian start vector. It stops
-  once every one of the ``top_k`` Ritz pairs has a residual
-  ``||H y - theta y|| = |beta_m s_{m,i}| <= tol * |theta|``; since for a
-  symmetric matrix some eigenvalue lies within the residual of every Ritz
+  Lanczos with full reorthogonalisation from a Gaussian start vector (see
+  :func:`lanczos`). It stops once every one of the ``top_k`` Ritz pairs has a
+  residual ``||H y - theta y|| = |beta_m s_{m,i}| <= tol * |theta|``; since for
+  a symmetric matrix some eigenvalue lies within the residual of every Ritz
   value, each returned eigenvalue is then within ``tol`` (relative) of an exact
   one — in practice far closer (the error decreases with the residual squared).
   PyHessian's power iteration stops on a relative *change* of 1e-3 between
   iterations, which often leaves it ~5e-3 from the exact value.
+
+  The Krylov basis and the eigenvectors ``y_i = sum_j s_{j,i} q_j`` are
+  pytrees shaped and sharded like ``params`` and never leave the devices;
+  only the tridiagonal coefficients go to the host.
 
   Returns an :class:`EigenResult`: it unpacks as ``eigenvalues, eigenvectors =
   ...``, and ``.num_hvps`` / ``.residuals`` say what it cost and how exact it is.
@@ -282,7 +692,7 @@ def hessian_eigenvalues(
   if top_k < 1:
     raise ValueError(f"top_k must be >= 1, got {top_k}")
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
-  top_k = min(top_k, operator.dim)
+  top_k = min(top_k, operator.num_params)
 
   def converged(values, residuals):
     order = np.argsort(-np.abs(values))[:top_k]
@@ -290,11 +700,11 @@ def hessian_eigenvalues(
       return False
     return bool(np.all(residuals[order] <= tol * np.maximum(np.abs(values[order]), 1e-30)))
 
-  result = lanczos(operator.matvec, _start_vector(key, operator.dim), max_iters,
+  result = lanczos(operator.matvec, _start_vector(operator, key), max_iters,
                    converged=converged, min_iters=top_k + 1)
   order = np.argsort(-np.abs(result.ritz_values))[:top_k]
-  vectors = [result.basis.T @ result.ritz_vectors[:, i] for i in order]
-  vectors = [operator.unravel(v / np.linalg.norm(v)) for v in vectors]
+  ops = _lanczos_ops(jit)
+  vectors = _ritz_vectors(ops, result.basis, result.ritz_vectors[:, order], operator.params)
   return EigenResult(result.ritz_values[order], vectors, operator.counter[0], result.residuals[order])
 
 
@@ -333,8 +743,9 @@ def hessian_extremes(
 ) -> Extremes:
   """The largest and the smallest (most negative) Hessian eigenvalues.
 
-  One Lanczos run gives both ends of the spectrum; it stops when both extreme
-  Ritz values have residual ``<= tol * max(|lambda_max|, |lambda_min|)``.
+  One Lanczos run (on the devices, as in :func:`hessian_eigenvalues`) gives
+  both ends of the spectrum; it stops when both extreme Ritz values have
+  residual ``<= tol * max(|lambda_max|, |lambda_min|)``.
   Returns :class:`Extremes`: it unpacks as ``lambda_max, lambda_min = ...``;
   ``.ratio`` is ``|lambda_max / lambda_min|`` (the sharpness ratio the SAM
   study tabulates) and ``.num_hvps`` the cost.
@@ -355,7 +766,7 @@ def hessian_extremes(
     scale = max(abs(values[0]), abs(values[-1]), 1e-30)
     return bool(residuals[0] <= tol * scale and residuals[-1] <= tol * scale)
 
-  result = lanczos(operator.matvec, _start_vector(key, operator.dim), max_iters,
+  result = lanczos(operator.matvec, _start_vector(operator, key), max_iters,
                    converged=converged, min_iters=3)
   return Extremes(float(result.ritz_values[-1]), float(result.ritz_values[0]), operator.counter[0])
 
@@ -368,6 +779,7 @@ class TraceEstimate(_UnpacksAs):
     trace: the Hutchinson estimate of ``tr(H)``.
     stderr: its standard error (sample standard deviation / sqrt(num_samples)).
     num_hvps: Hessian-vector products used.
+    samples: the ``num_samples`` quadratic forms ``v^T H v``.
   """
 
   _unpacks_as: ClassVar[tuple[str, ...]] = ("trace", "stderr")
@@ -375,6 +787,13 @@ class TraceEstimate(_UnpacksAs):
   trace: float
   stderr: float
   num_hvps: int
+  samples: Optional[np.ndarray] = None
+
+
+def _check_block_size(block_size: int) -> int:
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+  return int(block_size)
 
 
 def hessian_trace(
@@ -385,13 +804,22 @@ def hessian_trace(
     *,
     key: jax.Array,
     jit: bool = True,
+    block_size: int = 10,
 ) -> TraceEstimate:
   """Hutchinson's estimate of ``tr(H)`` with Rademacher probes, and its standard error.
 
   ``tr(H) = E[v^T H v]`` for ``v`` with independent +-1 entries; the estimate
-  is the mean of ``num_samples`` products and ``stderr`` the sample standard
-  deviation over ``sqrt(num_samples)``. Returns :class:`TraceEstimate`, which
-  unpacks as ``trace, stderr = ...`` (``.num_hvps`` is the cost).
+  is the mean of ``num_samples`` quadratic forms and ``stderr`` the sample
+  standard deviation over ``sqrt(num_samples)``. Returns
+  :class:`TraceEstimate`, which unpacks as ``trace, stderr = ...``
+  (``.num_hvps`` is the cost, ``.samples`` the quadratic forms).
+
+  Probes are drawn on the devices, shaped and sharded like ``params`` (probe
+  ``i`` from ``jax.random.split(key, num_samples)[i]``, so the result does not
+  depend on ``block_size`` or the sharding), and ``block_size`` of them go
+  through each call: ``jax.vmap`` over the probes of ``v -> v^T H_b v``
+  shares each batch's primal pass; only the ``num_samples`` scalars reach the
+  host. Memory: ``block_size`` probes and tangents at a time.
 
   Example::
 
@@ -407,14 +835,20 @@ def hessian_trace(
   """
   if num_samples < 2:
     raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
+  block_size = _check_block_size(block_size)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
-  samples = []
-  for probe_key in jax.random.split(key, num_samples):
-    v = np.asarray(jax.random.rademacher(probe_key, (operator.dim,), jnp.float32), np.float64)
-    samples.append(float(v @ operator.matvec(v)))
-  samples = np.asarray(samples)
+  block_size = min(block_size, num_samples)
+  num_blocks = -(-num_samples // block_size)
+  keys = jax.random.split(key, num_samples)
+  # The last block is padded with repeats of the last probe (results dropped), so one program serves all blocks.
+  keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], num_blocks * block_size - num_samples, axis=0)])
+  forms = []
+  for start in range(0, num_blocks * block_size, block_size):
+    probes = _random_like(operator.params, keys[start: start + block_size], "rademacher")
+    forms.append(operator.quadratic_forms(probes))
+  samples = np.concatenate([np.asarray(f, np.float64) for f in jax.device_get(forms)])[:num_samples]
   return TraceEstimate(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(num_samples)),
-                       operator.counter[0])
+                       num_samples, samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,6 +882,7 @@ def spectral_density(
     sigma_squared: float = 1e-5,
     overhead: float = 0.01,
     jit: bool = True,
+    block_size: int = 4,
 ) -> SpectralDensity:
   r"""Eigenvalue spectral density by stochastic Lanczos quadrature (SLQ).
 
@@ -463,6 +898,12 @@ def spectral_density(
   on ``num_bins`` points spanning the Ritz values (plus ``overhead``), then
   normalised to integrate to 1 over the grid. Its mean estimates ``tr(H)/n``.
 
+  Runs go ``block_size`` at a time through one Lanczos recurrence on the
+  devices (``jax.vmap`` over the runs' HVPs; run ``r`` starts from the
+  Rademacher vector of ``jax.random.split(key, num_runs)[r]``, so blocking
+  does not change the result). Memory: ``block_size * num_iters`` Krylov
+  vectors like the params.
+
   Returns :class:`SpectralDensity`: it unpacks as ``grid, density = ...``;
   ``.nodes`` and ``.weights`` are the quadrature of each run.
 
@@ -476,13 +917,21 @@ def spectral_density(
       >>> round(float(np.sum(density) * (grid[1] - grid[0])), 6)
       1.0
   """
+  block_size = _check_block_size(block_size)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
+  ops = _lanczos_ops(jit)
+  iterations = max(1, min(num_iters, operator.num_params))
+  keys = jax.random.split(key, num_runs)
   all_nodes, all_weights = [], []
-  for run_key in jax.random.split(key, num_runs):
-    v = np.asarray(jax.random.rademacher(run_key, (operator.dim,), jnp.float32), np.float64)
-    result = lanczos(operator.matvec, v, num_iters)
-    all_nodes.append(result.ritz_values)
-    all_weights.append(result.ritz_vectors[0, :] ** 2)
+  for start in range(0, num_runs, block_size):
+    block_keys = keys[start: start + block_size]
+    probes = _random_like(operator.params, block_keys, "rademacher")
+    alphas, betas, _, lengths = _lanczos_run(ops, operator.matvec_block, probes, iterations, True)
+    for r in range(len(block_keys)):
+      m = int(lengths[r])
+      values, vectors = _tridiagonal_eigh(alphas[:m, r], betas[:m, r])
+      all_nodes.append(values)
+      all_weights.append(vectors[0, :] ** 2)
   lambda_max = float(np.mean([n.max() for n in all_nodes])) + overhead
   lambda_min = float(np.mean([n.min() for n in all_nodes])) - overhead
   grid = np.linspace(lambda_min, lambda_max, num_bins)
@@ -521,7 +970,11 @@ def sharpness_summary(
     tol: float = 1e-4,
     jit: bool = True,
 ) -> SharpnessSummary:
-  """lambda_max, lambda_min, |lambda_max/lambda_min| and the Hessian trace in one call."""
+  """lambda_max, lambda_min, |lambda_max/lambda_min| and the Hessian trace in one call.
+
+  :func:`hessian_extremes` and :func:`hessian_trace` (``trace_samples``
+  probes) with keys split from ``key``; all work on the devices.
+  """
   batches = _as_batch_list(batches)
   key_extremes, key_trace = jax.random.split(key)
   extremes = hessian_extremes(loss_fn, params, batches, key=key_extremes, tol=tol, jit=jit)
