@@ -288,6 +288,18 @@ def evaluate(model, params, batch_stats, x, y, batch_size: int = 512) -> tuple[f
   return total_loss / n, correct / n
 
 
+def _run_setup(model, x_train, config: TrainConfig):
+  """(n, steps per epoch, total steps, loss_fn, whether sharpness is logged, grad_fn) of a run."""
+  n = num_examples(x_train)
+  if config.batch_size > n:
+    raise ValueError(f"batch size {config.batch_size} is larger than the training set ({n})")
+  steps_per_epoch = n // config.batch_size
+  log_sharpness = _logs_sharpness(config)
+  loss_fn = make_loss_fn(model)
+  grad_fn = make_linen_grad_fn(loss_fn, value_and_grad=log_sharpness)
+  return n, steps_per_epoch, steps_per_epoch * config.epochs, loss_fn, log_sharpness, grad_fn
+
+
 def _logs_sharpness(config: TrainConfig) -> bool:
   return config.optimizer in SHARPNESS_AWARE
 
@@ -399,14 +411,7 @@ def train(
     set, ``test_loss`` and ``test_acc``.
   """
   start_time = time.perf_counter()
-  n = num_examples(x_train)
-  if config.batch_size > n:
-    raise ValueError(f"batch size {config.batch_size} is larger than the training set ({n})")
-  steps_per_epoch = n // config.batch_size
-  total_steps = steps_per_epoch * config.epochs
-  loss_fn = make_loss_fn(model)
-  log_sharpness = _logs_sharpness(config)
-  grad_fn = make_linen_grad_fn(loss_fn, value_and_grad=log_sharpness)
+  n, steps_per_epoch, total_steps, loss_fn, log_sharpness, grad_fn = _run_setup(model, x_train, config)
   tx = build_optimizer(config, grad_fn, total_steps, value_and_grad=log_sharpness)
   state = init_state(model, tx, take(x_train, np.arange(min(2, n))), config.seed)
   first_epoch = 0
@@ -509,14 +514,7 @@ def train_sweep(
 def _train_vmapped(model, x_train, y_train, config: TrainConfig, rhos, *, x_eval, y_eval, progress,
                    description) -> SweepResult:
   start_time = time.perf_counter()
-  n = num_examples(x_train)
-  if config.batch_size > n:
-    raise ValueError(f"batch size {config.batch_size} is larger than the training set ({n})")
-  steps_per_epoch = n // config.batch_size
-  total_steps = steps_per_epoch * config.epochs
-  loss_fn = make_loss_fn(model)
-  log_sharpness = _logs_sharpness(config)
-  grad_fn = make_linen_grad_fn(loss_fn, value_and_grad=log_sharpness)
+  n, steps_per_epoch, total_steps, loss_fn, log_sharpness, grad_fn = _run_setup(model, x_train, config)
   build = lambda rho: build_optimizer(config, grad_fn, total_steps, rho=rho, value_and_grad=log_sharpness)
   # Same initialisation for every rho (as separate runs with this seed); states stacked on axis 0.
   single = init_state(model, build(rhos[0]), take(x_train, np.arange(min(2, n))), config.seed)
