@@ -23,6 +23,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 ANALYSIS_EXAMPLES = 256  # training examples the Hessian and landscapes are computed on (PyHessian uses 200)
+# The study analyses six models: 128 examples keep its default run within 5 minutes on 2 CPU cores
+# (4 min 27 s, against 5 min 22 s with 256).
+STUDY_ANALYSIS_EXAMPLES = 128
 
 
 class UsageError(Exception):
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
   study.add_argument("--test-size", type=int, default=None, help="use only this many test examples per model")
   study.add_argument("--validation-fraction", type=float, default=0.2,
                      help="fraction of the training set held out to choose rho")
-  study.add_argument("--analysis-examples", type=int, default=ANALYSIS_EXAMPLES,
+  study.add_argument("--analysis-examples", type=int, default=STUDY_ANALYSIS_EXAMPLES,
                      help="training examples the Hessian and loss landscapes are computed on")
   study.add_argument("--no-vmap", action="store_true",
                      help="train the rho grid as sequential runs instead of one vmapped program")

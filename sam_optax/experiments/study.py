@@ -135,7 +135,7 @@ class StudyOptions:
   train_size: Optional[int] = None
   test_size: Optional[int] = None
   validation_fraction: float = 0.2
-  analysis_examples: int = 256
+  analysis_examples: int = 128
   vmap: bool = True
   progress: bool = True
   plots: bool = True
