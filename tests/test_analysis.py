@@ -210,3 +210,74 @@ def test_bad_batches_are_rejected():
     analysis.hessian_trace(loss_fn, PARAMS, BATCHES[0], key=jax.random.key(0))
   with pytest.raises(ValueError, match="empty"):
     analysis.hessian_extremes(loss_fn, PARAMS, [], key=jax.random.key(0))
+
+
+def _diagonal_operator():
+  """A 4000 x 4000 diagonal H (five outliers over a bulk in [0, 5]) acting on a two-leaf pytree."""
+  values = np.concatenate([[100.0, 95.0, 80.0, 60.0, 50.0], np.random.default_rng(0).uniform(0, 5, 3995)])
+  d = jnp.asarray(values, jnp.float32)
+
+  def matvec(v):
+    return {"a": d[:1000] * v["a"], "b": d[1000:].reshape(60, 50) * v["b"]}
+
+  start = {"a": jnp.ones(1000), "b": jnp.ones((60, 50))}
+  return matvec, start, values
+
+
+def _gram_error(basis):
+  q = np.stack([np.concatenate([np.asarray(v["a"], np.float64), np.asarray(v["b"], np.float64).ravel()])
+                for v in basis])
+  return np.abs(q @ q.T - np.eye(len(basis))).max()
+
+
+def test_lanczos_without_reorthogonalisation_loses_orthogonality():
+  """The premise of the next test, in plain float32 numpy: the bare three-term recurrence."""
+  _, _, values = _diagonal_operator()
+  h = values.astype(np.float32)
+  q, q_prev, beta, basis = np.full(h.size, 1 / np.sqrt(h.size), np.float32), np.zeros(h.size, np.float32), 0.0, []
+  for _ in range(120):
+    basis.append(q)
+    w = h * q
+    w = w - np.dot(q, w) * q - beta * q_prev
+    beta = np.linalg.norm(w)
+    q_prev, q = q, w / beta
+  q = np.stack(basis).astype(np.float64)
+  assert np.abs(q @ q.T - np.eye(120)).max() > 0.1
+
+
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_lanczos_reorthogonalisation(mode):
+  """Partial (Simon's PRO): semi-orthogonal basis, the exact outliers, no ghost copies; full: orthonormal."""
+  matvec, start, values = _diagonal_operator()
+  result = analysis.lanczos(matvec, start, 120, reorthogonalize=mode)
+  eps = np.finfo(np.float32).eps
+  ritz = np.sort(result.ritz_values)[::-1]
+  np.testing.assert_allclose(ritz[:5], values[:5], rtol=1e-5)
+  assert np.all(ritz[5:] < 5.0 + 1e-3)  # a lost-orthogonality Lanczos repeats converged outliers ("ghosts")
+  if mode == "full":
+    assert result.num_reorthogonalizations == 120
+    assert _gram_error(result.basis) < 1e-5
+  else:
+    assert 0 < result.num_reorthogonalizations < 120
+    assert _gram_error(result.basis) <= np.sqrt(eps)
+
+
+def test_lanczos_rejects_unknown_reorthogonalisation():
+  matvec, start, _ = _diagonal_operator()
+  with pytest.raises(ValueError, match="reorthogonalize"):
+    analysis.lanczos(matvec, start, 3, reorthogonalize="sometimes")
+
+
+def test_partial_and_full_reorthogonalisation_agree(dense):
+  """Same eigenvalues (and about the same HVP count) as full reorthogonalisation, both against dense."""
+  _, values, _ = dense
+  top = values[np.argsort(-np.abs(values))[:5]]
+  results = {mode: analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=5, key=jax.random.key(5),
+                                                tol=1e-6, reorthogonalize=mode)
+             for mode in ("partial", "full")}
+  for result in results.values():
+    np.testing.assert_allclose(result.eigenvalues, top, rtol=1e-4)
+  np.testing.assert_allclose(results["partial"].eigenvalues, results["full"].eigenvalues, rtol=1e-5)
+  assert abs(results["partial"].num_hvps - results["full"].num_hvps) <= 1
+  with pytest.raises(ValueError, match="reorthogonalize"):
+    analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, key=jax.random.key(5), reorthogonalize="never")
