@@ -40,7 +40,8 @@ def analyse(model, state, dataset, y_train, *, seed: int, examples: int, landsca
   loss_fn = make_eval_loss_fn(model, state.batch_stats)
   batches = analysis_batches(dataset.x_train, y_train, examples)
   key = jax.random.key(1000 + seed)
-  summary = analysis.sharpness_summary(loss_fn, state.params, batches, key=key)
+  # One summary per trained model: compiling an unrolled block of probes costs more than it saves here.
+  summary = analysis.sharpness_summary(loss_fn, state.params, batches, key=key, trace_block_size=1)
   out: dict[str, Any] = {
       "summary": {
           "lambda_max": float(summary.lambda_max),
