@@ -452,7 +452,8 @@ class LanczosResult(NamedTuple):
       vector, on its devices and with its shardings.
     residuals: ``|beta_m s_{m,i}|``, the residual norm of each Ritz pair.
     num_reorthogonalizations: iterations that orthogonalised against the
-      whole basis (all of them with ``reorthogonalize="full"``).
+      basis (every one with ``reorthogonalize="full"``; with ``"partial"``,
+      against the vectors it had lost orthogonality to).
   """
 
   ritz_values: np.ndarray
@@ -510,7 +511,7 @@ def _reorthogonalization_for(params: Any, requested: str) -> str:
   evaluated in bfloat16 loses orthogonality faster than it predicts.
   """
   _check_reorthogonalize(requested)
-  eps = np.finfo(np.dtype(_accumulation_dtype())).eps
+  eps = _unit_roundoff()
   low = any(jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).eps > eps for x in jax.tree.leaves(params))
   return "full" if low else requested
 
@@ -575,8 +576,9 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
 
   ``reorthogonalize="partial"`` (Simon 1984): :class:`_OrthogonalityEstimate`
   tracks ``max_k |q_{j+1}^T q_k|``; when it exceeds ``sqrt(eps)``, this vector
-  and the next are orthogonalised against the whole basis, which keeps the
-  basis semi-orthogonal — enough for ``T`` to be the projection of ``H`` onto
+  and the next are orthogonalised against the basis vectors with
+  ``|omega| > eps^(3/4)`` (PROPACK's choice), which keeps the basis
+  semi-orthogonal — enough for ``T`` to be the projection of ``H`` onto
   the Krylov space to working precision, so Ritz values and residuals are
   those of full reorthogonalisation — at a fraction of its reads of the basis.
   ``"full"``: every vector, every iteration.
@@ -584,7 +586,8 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   Returns ``(alphas, betas, basis, lengths, reorthogonalised)``: ``alphas``/``betas``
   are (iterations, probes) float64 arrays, ``lengths[r]`` the number of valid
   iterations of probe ``r`` (shorter after a breakdown, ``beta ~ 0``), and
-  ``reorthogonalised`` the number of iterations that read the whole basis.
+  ``reorthogonalised`` the number of iterations that orthogonalised against
+  (part of) the basis.
   """
   _check_reorthogonalize(reorthogonalize)
   layout = jax.tree.map(lambda x: x.sharding, start)
