@@ -281,3 +281,51 @@ def test_partial_and_full_reorthogonalisation_agree(dense):
   assert abs(results["partial"].num_hvps - results["full"].num_hvps) <= 1
   with pytest.raises(ValueError, match="reorthogonalize"):
     analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, key=jax.random.key(5), reorthogonalize="never")
+
+
+def _wide_quadratic():
+  """``loss = 0.5 sum_i d_i w_i^2``: H = diag(d), known eigenpairs, with leaves whose last axis is a
+  multiple of 128 (the eigenvectors' interleaved layout) and leaves whose last axis is not."""
+  rng = np.random.default_rng(7)
+  shapes = {"wide": (3, 256), "odd": (2, 5, 7), "bias": (384,), "scalar": ()}
+  curvature = {k: rng.uniform(0.1, 1.0, s).astype(np.float32) for k, s in shapes.items()}
+  # Five outliers in different leaves, so every eigenvector lives in one place.
+  curvature["wide"][1, 200], curvature["bias"][17], curvature["odd"][1, 3, 6] = 9.0, 7.5, 6.0
+  curvature["wide"][0, 3], curvature["scalar"] = 5.0, np.float32(4.0)
+  params = {k: jnp.ones(s, jnp.float32) for k, s in shapes.items()}
+
+  def quadratic(w, batch):
+    return 0.5 * sum(jnp.sum(batch[k] * w[k] ** 2) for k in w)
+  return quadratic, params, {k: jnp.asarray(v) for k, v in curvature.items()}
+
+
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_eigenvectors_of_a_known_diagonal_hessian(top_k):
+  """Eigenvectors formed from the basis (interleaved and plain leaves, padded groups) are the unit vectors."""
+  quadratic, params, curvature = _wide_quadratic()
+  flat_curvature = flat(curvature)
+  result = analysis.hessian_eigenvalues(quadratic, params, [curvature], top_k=top_k, key=jax.random.key(1), tol=1e-6)
+  order = np.argsort(-flat_curvature)[:top_k]
+  np.testing.assert_allclose(result.eigenvalues, flat_curvature[order], rtol=1e-5)
+  for vector, index in zip(result.eigenvectors, order):
+    got = flat(vector)
+    assert jax.tree.structure(vector) == jax.tree.structure(params)
+    assert abs(np.linalg.norm(got) - 1.0) < 1e-5
+    assert abs(got[index]) > 1 - 1e-6
+
+
+def test_ritz_vectors_match_numpy():
+  """Combination of a basis (groups of 32 and 8, the last padded) into k normalised vectors, as numpy does it."""
+  from sam_optax.analysis import hessian  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  like = {"wide": jnp.zeros((2, 256)), "odd": jnp.zeros((5, 3)), "scalar": jnp.zeros(())}
+  for count in (3, 13, 45):
+    basis = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), like) for _ in range(count)]
+    coefficients = rng.normal(size=(count, 4))
+    stacked = np.stack([flat(q) for q in basis])
+    want = coefficients.T @ stacked
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    for consume in (False, True):
+      vectors = hessian._ritz_vectors(hessian._JITTED, list(basis), coefficients, like, consume=consume)  # pylint: disable=protected-access
+      np.testing.assert_allclose(np.stack([flat(v) for v in vectors]), want, rtol=1e-4, atol=1e-5)
+      assert all(leaf.is_deleted() for q in basis[:4] for leaf in jax.tree.leaves(q)) == consume

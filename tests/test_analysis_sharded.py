@@ -153,3 +153,34 @@ def test_explicit_data_parallel_mesh():
       assert leaf.sharding == NamedSharding(mesh, P())
   trace = [analysis.hessian_trace(loss_fn, p, b, 6, key=key) for p, b in ((PARAMS, BATCHES), (params, batches))]
   np.testing.assert_allclose(trace[1].samples, trace[0].samples, rtol=1e-4)
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_wide_leaves_eigenvectors_keep_shardings(axis_type):
+  """Leaves whose last axis is a multiple of 128 (eigenvectors formed in the interleaved layout), sharded
+  along the leading axis, along the last axis (not interleaved) or replicated: eigenpairs equal the known
+  ones of ``H = diag(d)`` and the single-device result, and every eigenvector keeps the params' shardings."""
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+  rng = np.random.default_rng(11)
+  shapes = {"rows": (8, 256), "columns": (4, 1024), "bias": (384,)}
+  specs = {"rows": P("d", None), "columns": P(None, "d"), "bias": P()}
+  curvature = {k: rng.uniform(0.1, 1.0, s).astype(np.float32) for k, s in shapes.items()}
+  curvature["rows"][5, 130], curvature["columns"][2, 1000], curvature["bias"][7] = 9.0, 8.0, 7.0
+  params = {k: jnp.ones(s, jnp.float32) for k, s in shapes.items()}
+  shardings = {k: NamedSharding(mesh, specs[k]) for k in shapes}
+  sharded_params = {k: jax.device_put(params[k], shardings[k]) for k in shapes}
+  sharded_curvature = {k: jax.device_put(curvature[k], shardings[k]) for k in shapes}
+
+  def quadratic(w, batch):
+    return 0.5 * sum(jnp.sum(batch[k] * w[k] ** 2) for k in w)
+
+  kwargs = dict(top_k=3, key=jax.random.key(3), tol=1e-6)
+  single = analysis.hessian_eigenvalues(quadratic, params, [curvature], **kwargs)
+  sharded = analysis.hessian_eigenvalues(quadratic, sharded_params, [sharded_curvature], **kwargs)
+  np.testing.assert_allclose(sharded.eigenvalues, [9.0, 8.0, 7.0], rtol=1e-5)
+  np.testing.assert_allclose(sharded.eigenvalues, single.eigenvalues, rtol=1e-5)
+  for got, want in zip(sharded.eigenvectors, single.eigenvectors):
+    for key in shapes:
+      assert got[key].sharding == shardings[key], (key, got[key].sharding)
+    got, want = (np.asarray(ravel_pytree(jax.device_get(t))[0], np.float64) for t in (got, want))
+    np.testing.assert_allclose(got * np.sign(got @ want), want, rtol=1e-4, atol=1e-5)

@@ -39,6 +39,15 @@ device), and the Lanczos basis is a Python list of such pytrees.
   vector's norm (Daniel, Gragg, Kaufman & Stewart 1976: "twice is enough").
 * Only the tridiagonal coefficients ``alpha_j, beta_j`` (scalars) go to the
   host, where the small ``T`` is diagonalised in float64 to test convergence.
+* The eigenvectors ``y_k = sum_j s_{j,k} q_j`` are formed in one read of the
+  basis: each leaf's ``k`` combinations are interleaved in blocks of 128
+  elements, so a block of every basis vector is read from memory once and
+  reused from cache for all ``k`` (a ``(k, ...)`` layout streams the basis
+  ``k`` times), in groups of 32 or 8 basis vectors per call (the last group
+  padded with a zero-weight repeat). The normalised eigenvectors are then
+  written into the memory of the basis, which is dead by then, and the start
+  vector is normalised in place: on XLA:CPU, fresh memory costs page faults
+  that are as slow as the arithmetic.
 * A Python loop drives the iterations: XLA:CPU runs a convolution inside
   ``lax.fori_loop``/``scan``/``cond`` several times slower than outside
   (jax-ml/jax#12868), and the loop lets Lanczos stop as soon as the wanted
@@ -68,6 +77,7 @@ LossFn = Callable[[Any, Any], jax.Array]
 #: residuals of all batches together take at most this many bytes.
 LINEARIZE_BUDGET_BYTES = 1 << 30
 _GROUP_SIZES = (32, 8, 1)  # basis vectors per reorthogonalisation call
+_INTERLEAVE = 128  # block width of the interleaved layout of eigenvector combinations
 _REORTH_AGAIN = 1 / math.sqrt(2)  # DGKS: a second pass when the norm drops below this fraction
 
 
@@ -164,32 +174,76 @@ def _normalize_impl(w, block):
   return _scale_impl(w, 1.0 / norm, block), norm
 
 
-def _combine_impl(accumulator, coefficients, vectors):
+def _interleaves(x: Any) -> bool:
+  """Whether :func:`_combine_impl` interleaves the combinations of this leaf (see there).
+
+  Its last axis must split into blocks of :data:`_INTERLEAVE` and must not be
+  partitioned (a sharded leading axis, as with FSDP, is fine).
+  """
+  if np.ndim(x) == 0 or np.shape(x)[-1] % _INTERLEAVE:
+    return False
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))
+    return spec[-1] is None
+  return sharding is None or sharding.is_fully_replicated or len(sharding.device_set) == 1
+
+
+def _combine_impl(accumulator, coefficients, vectors, interleave):
   """``accumulator + [sum_i coefficients[i, k] * vectors[i]]_k``: ``k`` combinations in one read of ``vectors``.
 
-  ``coefficients`` is (len(vectors), k); every output leaf gets a leading axis of size k.
+  ``coefficients`` is (len(vectors), k); ``interleave`` has a flag per leaf
+  (see :func:`_interleaves`). A leaf whose flag is set is laid out ``(..., d / B, k, B)`` (``B`` = :data:`_INTERLEAVE`): XLA
+  writes the output in that order, so each block of ``B`` elements of every
+  vector is read from memory once and reused from cache for all ``k``
+  combinations (with ``(k, ...)`` it would stream every vector ``k`` times).
+  Other leaves get a leading axis of size ``k``.
   """
-  def leaf(*xs):
-    return sum(jnp.reshape(c, c.shape + (1,) * x.ndim).astype(x.dtype) * x[None] for c, x in zip(coefficients, xs))
-  total = jax.tree.map(leaf, *vectors)
+  def leaf(flag, xs):
+    x = xs[0]
+    if flag:
+      shape = x.shape[:-1] + (x.shape[-1] // _INTERLEAVE, 1, _INTERLEAVE)
+      return sum(jnp.reshape(c, (-1, 1)).astype(v.dtype) * jnp.reshape(v, shape) for c, v in zip(coefficients, xs))
+    return sum(jnp.reshape(c, c.shape + (1,) * x.ndim).astype(v.dtype) * v[None] for c, v in zip(coefficients, xs))
+  treedef = jax.tree.structure(vectors[0])
+  columns = zip(*[jax.tree.leaves(v) for v in vectors])
+  total = treedef.unflatten([leaf(flag, xs) for flag, xs in zip(interleave, columns)])
   if accumulator is None:
     return total
   return jax.tree.map(jnp.add, accumulator, total)
 
 
-def _split_impl(stacked, like):
-  """Unit-normalised rows of a stacked tree, each cast to the dtypes of ``like``."""
-  stacked, _ = _normalize_impl(stacked, True)
-  count = jax.tree.leaves(stacked)[0].shape[0]
-  return [jax.tree.map(lambda x, p: x[i].astype(p.dtype), stacked, like) for i in range(count)]
+def _split_impl(stacked, like, into, interleave):
+  """The ``k`` combinations of :func:`_combine_impl`, unit-normalised, each cast to the dtypes of ``like``.
+
+  ``into``: up to ``k`` dead pytrees like ``like`` (basis vectors), donated so
+  that the results are written into their memory instead of fresh memory.
+  """
+  del into  # only their buffers are used
+  dtype = _accumulation_dtype()
+  count = None
+  squares = 0.0
+  for x, flag in zip(jax.tree.leaves(stacked), interleave):
+    axis = x.ndim - 2 if flag else 0
+    count = x.shape[axis]
+    squares = squares + jnp.sum(jnp.square(x.astype(dtype)), axis=tuple(a for a in range(x.ndim) if a != axis))
+  inverse = 1.0 / jnp.sqrt(squares)
+
+  def row(x, flag, p, k):
+    x = jnp.reshape(x[..., k, :], np.shape(p)) if flag else x[k]
+    return (x * inverse[k].astype(x.dtype)).astype(p.dtype)
+  leaves, treedef = jax.tree.flatten(stacked)
+  return [treedef.unflatten([row(x, flag, p, k) for x, flag, p in zip(leaves, interleave, jax.tree.leaves(like))])
+          for k in range(count)]
 
 
 _local_step = jax.jit(_local_step_impl, static_argnums=4, donate_argnums=0)
 _project_out = jax.jit(_project_out_impl, static_argnums=2, donate_argnums=0)
 _scale = jax.jit(_scale_impl, static_argnums=2, donate_argnums=0)
 _normalize = jax.jit(_normalize_impl, static_argnums=1)
-_combine = jax.jit(_combine_impl, donate_argnums=0)
-_split = jax.jit(_split_impl)
+_normalize_in_place = jax.jit(_normalize_impl, static_argnums=1, donate_argnums=0)
+_combine = jax.jit(_combine_impl, static_argnums=3, donate_argnums=0)
+_split = jax.jit(_split_impl, static_argnums=3, donate_argnums=2, keep_unused=True)
 
 
 # --------------------------------------------------------------------------
@@ -434,12 +488,14 @@ class _Ops(NamedTuple):
   project_out: Callable
   scale: Callable
   normalize: Callable
+  normalize_in_place: Callable
   combine: Callable
   split: Callable
 
 
-_JITTED = _Ops(_local_step, _project_out, _scale, _normalize, _combine, _split)
-_EAGER = _Ops(_local_step_impl, _project_out_impl, _scale_impl, _normalize_impl, _combine_impl, _split_impl)
+_JITTED = _Ops(_local_step, _project_out, _scale, _normalize, _normalize_in_place, _combine, _split)
+_EAGER = _Ops(_local_step_impl, _project_out_impl, _scale_impl, _normalize_impl, _normalize_impl, _combine_impl,
+              _split_impl)
 
 
 class LanczosResult(NamedTuple):
@@ -473,12 +529,14 @@ def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]):
 
 
 def _group_bounds(count: int) -> list:
-  """Split ``range(count)`` into groups of 32, then 8, then 1 vectors (e.g. 43 = 32 + 8 + 1 + 1 + 1).
+  """Reorthogonalisation groups: 32, then 8, then 1 vectors (e.g. 43 = 32 + 8 + 1 + 1 + 1).
 
-  Few dispatches per pass (at most ``count / 32 + 10``), no padding, and only
-  three group sizes to compile: every size is one program per params
-  structure, and for the small models of a study compiling them costs more
-  than the extra dispatches.
+  Few dispatches per pass (at most ``count / 32 + 10``) and only three group
+  sizes to compile: every size is one program per params structure, and for
+  the small models of a study compiling them costs more than the extra
+  dispatches. No padding: the inner products are separate reductions that
+  each stream their vector, so a repeated vector costs as much as a new one
+  (unlike :func:`_combine_bounds`).
   """
   bounds, start = [], 0
   for size in _GROUP_SIZES:
@@ -571,7 +629,7 @@ class _OrthogonalityEstimate:
 
 
 def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converged=None, min_iters: int = 1,
-                 reorthogonalize: str = "partial"):
+                 reorthogonalize: str = "partial", own_start: bool = False):
   """Lanczos with full or partial reorthogonalisation; vectors on the devices, ``alpha``/``beta`` on the host.
 
   ``reorthogonalize="partial"`` (Simon 1984): :class:`_OrthogonalityEstimate`
@@ -583,6 +641,9 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   those of full reorthogonalisation — at a fraction of its reads of the basis.
   ``"full"``: every vector, every iteration.
 
+  ``own_start=True``: ``start`` is the caller's to give up; it is normalised
+  in place (its memory becomes the first basis vector).
+
   Returns ``(alphas, betas, basis, lengths, reorthogonalised)``: ``alphas``/``betas``
   are (iterations, probes) float64 arrays, ``lengths[r]`` the number of valid
   iterations of probe ``r`` (shorter after a breakdown, ``beta ~ 0``), and
@@ -591,7 +652,7 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   """
   _check_reorthogonalize(reorthogonalize)
   layout = jax.tree.map(lambda x: x.sharding, start)
-  q, _ = ops.normalize(start, block)
+  q, _ = (ops.normalize_in_place if own_start else ops.normalize)(start, block)
   q = _relayout(q, layout)
   dtype = _accumulation_dtype()
   num = int(jax.tree.leaves(q)[0].shape[0]) if block else 1
@@ -656,17 +717,46 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   return np.asarray(alphas), np.asarray(betas), basis, lengths, reorthogonalised
 
 
-def _ritz_vectors(ops: _Ops, basis: list, coefficients: np.ndarray, like: Any) -> list:
+def _combine_bounds(count: int) -> list:
+  """Groups of 32 basis vectors, then of 8, the last one padded up to 8 (e.g. 22 = 8 + 8 + 6|2).
+
+  Padding repeats a vector with coefficient 0: inside one elementwise
+  program the repeat is read from cache, so it costs next to nothing, while
+  every extra call would read and write the whole accumulator again.
+  """
+  bounds, start = [], 0
+  while count - start >= 32:
+    bounds.append((start, start + 32))
+    start += 32
+  while start < count:
+    bounds.append((start, start + 8))
+    start += 8
+  return bounds
+
+
+def _ritz_vectors(ops: _Ops, basis: list, coefficients: np.ndarray, like: Any, consume: bool = False) -> list:
   """``y_k = sum_j coefficients[j, k] q_j`` for every column ``k``, normalised, cast like ``like``.
 
-  All columns in one read of the basis; each ``y_k`` has the shardings of ``like``.
+  All columns in one read of the basis; each ``y_k`` has the shardings of
+  ``like``. ``consume=True``: the basis is not used afterwards, and the
+  results are written into the memory of its first vectors (donated)
+  instead of fresh memory.
   """
-  accumulator = None
   dtype = _accumulation_dtype()
-  for a, b in _group_bounds(len(basis)):
-    accumulator = ops.combine(accumulator, jnp.asarray(coefficients[a:b], dtype), tuple(basis[a:b]))
+  count, k = coefficients.shape
+  bounds = _combine_bounds(count)
+  padded = np.zeros((bounds[-1][1], k), coefficients.dtype)
+  padded[:count] = coefficients
+  vectors = list(basis) + [basis[-1]] * (len(padded) - count)
+  interleave = tuple(_interleaves(x) for x in jax.tree.leaves(basis[0]))
+  accumulator = None
+  for a, b in bounds:
+    accumulator = ops.combine(accumulator, jnp.asarray(padded[a:b], dtype), tuple(vectors[a:b]), interleave)
+  into = ()
+  if consume and all(x.dtype == p.dtype for x, p in zip(jax.tree.leaves(basis[0]), jax.tree.leaves(like))):
+    into = tuple(basis[:k])
   layout = _leaf_shardings(like, stacked=False)
-  return [_relayout(vector, layout) for vector in ops.split(accumulator, like)]
+  return [_relayout(vector, layout) for vector in ops.split(accumulator, like, into, interleave)]
 
 
 def lanczos(
@@ -713,11 +803,16 @@ def lanczos(
       >>> [round(float(x), 4) for x in result.ritz_values]
       [1.0, 3.0]
   """
+  return _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start=False)
+
+
+def _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start) -> LanczosResult:
+  """:func:`lanczos`; ``own_start=True`` lets it normalise ``start`` in place (see :func:`_lanczos_run`)."""
   ops = _JITTED if jit else _EAGER
   start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
   max_iters = max(1, min(max_iters, int(sum(np.size(x) for x in jax.tree.leaves(start)))))
   alphas, betas, basis, lengths, reorthogonalised = _lanczos_run(ops, matvec, start, max_iters, False, converged,
-                                                                 min_iters, reorthogonalize)
+                                                                 min_iters, reorthogonalize, own_start)
   m = int(lengths[0])
   values, vectors = _tridiagonal_eigh(alphas[:m, 0], betas[:m, 0])
   residuals = np.abs(betas[m - 1, 0] * vectors[-1, :])
@@ -842,11 +937,11 @@ def hessian_eigenvalues(
       return False
     return bool(np.all(residuals[order] <= tol * np.maximum(np.abs(values[order]), 1e-30)))
 
-  result = lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged=converged,
-                   min_iters=top_k + 1, reorthogonalize=_reorthogonalization_for(operator.params, reorthogonalize))
+  result = _lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged, top_k + 1, True,
+                    _reorthogonalization_for(operator.params, reorthogonalize), own_start=True)
   order = np.argsort(-np.abs(result.ritz_values))[:top_k]
   ops = _lanczos_ops(jit)
-  vectors = _ritz_vectors(ops, result.basis, result.ritz_vectors[:, order], operator.params)
+  vectors = _ritz_vectors(ops, result.basis, result.ritz_vectors[:, order], operator.params, consume=True)
   return EigenResult(result.ritz_values[order], vectors, operator.counter[0], result.residuals[order])
 
 
@@ -908,8 +1003,8 @@ def hessian_extremes(
     scale = max(abs(values[0]), abs(values[-1]), 1e-30)
     return bool(residuals[0] <= tol * scale and residuals[-1] <= tol * scale)
 
-  result = lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged=converged,
-                   min_iters=3, reorthogonalize=_reorthogonalization_for(operator.params, "partial"))
+  result = _lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged, 3, True,
+                    _reorthogonalization_for(operator.params, "partial"), own_start=True)
   return Extremes(float(result.ritz_values[-1]), float(result.ritz_values[0]), operator.counter[0])
 
 
@@ -1076,7 +1171,8 @@ def spectral_density(
     block_keys = keys[start: start + block_size]
     probes = _random_like(operator.params, block_keys, "rademacher")
     alphas, betas, _, lengths, _ = _lanczos_run(ops, operator.matvec_block, probes, iterations, True,
-                                                reorthogonalize=_reorthogonalization_for(operator.params, "partial"))
+                                                reorthogonalize=_reorthogonalization_for(operator.params, "partial"),
+                                                own_start=True)
     for r in range(len(block_keys)):
       m = int(lengths[r])
       values, vectors = _tridiagonal_eigh(alphas[:m, r], betas[:m, r])
