@@ -326,6 +326,7 @@ def test_ritz_vectors_match_numpy():
     want = coefficients.T @ stacked
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     for consume in (False, True):
-      vectors = hessian._ritz_vectors(hessian._JITTED, list(basis), coefficients, like, consume=consume)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      vectors = hessian._ritz_vectors(hessian._JITTED, list(basis), coefficients, like, consume=consume)
       np.testing.assert_allclose(np.stack([flat(v) for v in vectors]), want, rtol=1e-4, atol=1e-5)
       assert all(leaf.is_deleted() for q in basis[:4] for leaf in jax.tree.leaves(q)) == consume

@@ -193,11 +193,12 @@ def _combine_impl(accumulator, coefficients, vectors, interleave):
   """``accumulator + [sum_i coefficients[i, k] * vectors[i]]_k``: ``k`` combinations in one read of ``vectors``.
 
   ``coefficients`` is (len(vectors), k); ``interleave`` has a flag per leaf
-  (see :func:`_interleaves`). A leaf whose flag is set is laid out ``(..., d / B, k, B)`` (``B`` = :data:`_INTERLEAVE`): XLA
-  writes the output in that order, so each block of ``B`` elements of every
-  vector is read from memory once and reused from cache for all ``k``
-  combinations (with ``(k, ...)`` it would stream every vector ``k`` times).
-  Other leaves get a leading axis of size ``k``.
+  (see :func:`_interleaves`). A leaf whose flag is set is laid out
+  ``(..., d / B, k, B)``, ``B`` = :data:`_INTERLEAVE`: XLA writes the output
+  in that order, so each block of ``B`` elements of every vector is read from
+  memory once and reused from cache for all ``k`` combinations (with
+  ``(k, ...)`` it would stream every vector ``k`` times). Other leaves get a
+  leading axis of size ``k``.
   """
   def leaf(flag, xs):
     x = xs[0]
@@ -221,20 +222,18 @@ def _split_impl(stacked, like, into, interleave):
   """
   del into  # only their buffers are used
   dtype = _accumulation_dtype()
-  count = None
+  leaves, treedef = jax.tree.flatten(stacked)
   squares = 0.0
-  for x, flag in zip(jax.tree.leaves(stacked), interleave):
-    axis = x.ndim - 2 if flag else 0
-    count = x.shape[axis]
+  for x, flag in zip(leaves, interleave):
+    axis = x.ndim - 2 if flag else 0  # the axis of the k combinations
     squares = squares + jnp.sum(jnp.square(x.astype(dtype)), axis=tuple(a for a in range(x.ndim) if a != axis))
   inverse = 1.0 / jnp.sqrt(squares)
 
   def row(x, flag, p, k):
     x = jnp.reshape(x[..., k, :], np.shape(p)) if flag else x[k]
     return (x * inverse[k].astype(x.dtype)).astype(p.dtype)
-  leaves, treedef = jax.tree.flatten(stacked)
   return [treedef.unflatten([row(x, flag, p, k) for x, flag, p in zip(leaves, interleave, jax.tree.leaves(like))])
-          for k in range(count)]
+          for k in range(inverse.shape[0])]
 
 
 _local_step = jax.jit(_local_step_impl, static_argnums=4, donate_argnums=0)
@@ -724,13 +723,14 @@ def _combine_bounds(count: int) -> list:
   program the repeat is read from cache, so it costs next to nothing, while
   every extra call would read and write the whole accumulator again.
   """
+  large, small = _GROUP_SIZES[:2]
   bounds, start = [], 0
-  while count - start >= 32:
-    bounds.append((start, start + 32))
-    start += 32
+  while count - start >= large:
+    bounds.append((start, start + large))
+    start += large
   while start < count:
-    bounds.append((start, start + 8))
-    start += 8
+    bounds.append((start, start + small))
+    start += small
   return bounds
 
 
