@@ -330,3 +330,20 @@ def test_ritz_vectors_match_numpy():
       vectors = hessian._ritz_vectors(hessian._JITTED, list(basis), coefficients, like, consume=consume)
       np.testing.assert_allclose(np.stack([flat(v) for v in vectors]), want, rtol=1e-4, atol=1e-5)
       assert all(leaf.is_deleted() for q in basis[:4] for leaf in jax.tree.leaves(q)) == consume
+
+
+def test_float64_under_x64():
+  """With ``jax_enable_x64`` and float64 params everything accumulates in float64: a known diagonal H to 1e-12."""
+  with jax.enable_x64(True):
+    quadratic, params, curvature = _wide_quadratic()
+    params, curvature = (jax.tree.map(lambda x: x.astype(jnp.float64), t) for t in (params, curvature))
+    flat_curvature = flat(curvature)
+    result = analysis.hessian_eigenvalues(quadratic, params, [curvature], top_k=5, key=jax.random.key(1), tol=1e-10)
+    order = np.argsort(-flat_curvature)[:5]
+    np.testing.assert_allclose(result.eigenvalues, flat_curvature[order], rtol=1e-12)
+    for vector, index in zip(result.eigenvectors, order):
+      assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(vector))
+      assert abs(abs(flat(vector)[index]) - 1.0) < 1e-12
+    # Rademacher probes: v^T diag(d) v = sum(d) exactly, for every probe.
+    trace = analysis.hessian_trace(quadratic, params, [curvature], 4, key=jax.random.key(0))
+    np.testing.assert_allclose(trace.samples, np.sum(flat_curvature), rtol=1e-12)
