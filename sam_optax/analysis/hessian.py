@@ -573,6 +573,16 @@ def _reorthogonalization_for(params: Any, requested: str) -> str:
   return "full" if low else requested
 
 
+def _norm_bound(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
+  """Gershgorin's bound on ``||T||`` per probe: ``max |alpha| + 2 max beta`` (iterations on axis 0)."""
+  return np.max(np.abs(alphas), axis=0) + 2 * (np.max(betas, axis=0) if len(betas) else 0.0)
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """A scalar or per-probe device value as a float64 numpy array of at least one dimension."""
+  return np.atleast_1d(np.asarray(jax.device_get(x), np.float64))
+
+
 def _unit_roundoff() -> float:
   return float(np.finfo(np.dtype(_accumulation_dtype())).eps)
 
@@ -606,7 +616,7 @@ class _OrthogonalityEstimate:
     j = len(alphas) - 1
     alpha_j = alphas[j]
     safe = np.maximum(beta, np.finfo(np.float64).tiny)
-    norm_t = np.max(np.abs(alphas), axis=0) + 2 * (np.max(betas, axis=0) if j else 0.0)
+    norm_t = _norm_bound(alphas, betas)
     current, previous = self.current, self.previous  # omega_{j, 0..j}, omega_{j-1, 0..j-1}
     new = np.empty((j + 1,) + beta.shape)
     if j:
@@ -668,7 +678,7 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
     basis.append(q)
     w = matvec(q)
     w, alpha, norm_local = ops.local_step(w, q, q_prev, beta_prev, block)
-    alpha, norm = (np.atleast_1d(np.asarray(x, np.float64)) for x in jax.device_get((alpha, norm_local)))
+    alpha, norm = map(_to_host, jax.device_get((alpha, norm_local)))  # one transfer
     alphas.append(alpha)
     if estimate is None:
       against = basis
@@ -686,16 +696,16 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
       reorthogonalised += 1
       norm_local = norm
       w, norm = _orthogonalise(ops, w, against, block)
-      norm = np.atleast_1d(np.asarray(jax.device_get(norm), np.float64))
+      norm = _to_host(norm)
       if np.any(norm < _REORTH_AGAIN * norm_local):  # DGKS: cancellation, so once more
         w, norm = _orthogonalise(ops, w, against, block)
-        norm = np.atleast_1d(np.asarray(jax.device_get(norm), np.float64))
+        norm = _to_host(norm)
       if estimate is not None:
         estimate.reset(selected)
     beta = norm
     iterations = j + 1
     # Invariant Krylov space (beta ~ 0 relative to ||T||, bounded by Gershgorin): that probe is finished.
-    norm_t = np.max(np.abs(np.asarray(alphas)), axis=0) + 2 * (np.max(np.asarray(betas), axis=0) if betas else 0.0)
+    norm_t = _norm_bound(np.asarray(alphas), np.asarray(betas))
     finished = ~done & (beta <= 1e-10 * np.maximum(1.0, norm_t))
     done[finished], lengths[finished] = True, iterations
     if done.all() or iterations == max_iters:
