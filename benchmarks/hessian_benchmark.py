@@ -280,6 +280,8 @@ def large_section(args, batch, hidden):
   result = analysis.hessian_eigenvalues(loss_fn, params, batches, top_k=5, key=jax.random.key(0), max_iters=100)
   jax.block_until_ready(result.eigenvectors)
   growth_gb = (memory_kib("VmHWM") - rss_before) * 1024 / 1e9 if reset else float("nan")
+  stats = jax.devices()[0].memory_stats() or {}  # GPU/TPU: the allocator's peak (not reset: since start-up)
+  device_peak_gb = stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
   del result
   # Time, paired by round. "HVPs used x one HVP" is measured directly: the same number of HVPs back to back
   # (outputs dropped), once before and once after the round's two Lanczos runs (partial, then full
@@ -290,8 +292,21 @@ def large_section(args, batch, hidden):
   v = jax.tree.map(jnp.ones_like, params)
   jax.block_until_ready(operator.matvec(v))
   kwargs = dict(top_k=5, key=jax.random.key(0), max_iters=100)
-  results = {mode: analysis.hessian_eigenvalues(loss_fn, params, batches, reorthogonalize=mode, **kwargs)
-             for mode in ("partial", "full")}  # compiles full's group sizes; fixes the HVP counts
+
+  def eigen(mode):
+    """``mode``: "partial", "full", or "unfused": partial with the product, the three-term step and the scaling
+    as separate calls and beta sent back from the host (the design before the fused ``lanczos_step``)."""
+    if mode != "unfused":
+      return analysis.hessian_eigenvalues(loss_fn, params, batches, reorthogonalize=mode, **kwargs)
+    make = analysis.hessian.hessian_operator
+    analysis.hessian.hessian_operator = lambda *a, **k: make(*a, **k)._replace(lanczos_step=None)
+    try:
+      return analysis.hessian_eigenvalues(loss_fn, params, batches, **kwargs)
+    finally:
+      analysis.hessian.hessian_operator = make
+
+  modes = ("partial", "full", "unfused")
+  results = {mode: eigen(mode) for mode in modes}  # compiles every mode's programs; fixes the HVP counts
   jax.block_until_ready([r.eigenvectors for r in results.values()])
   counts = {mode: results[mode].num_hvps for mode in results}
   del results
@@ -302,7 +317,7 @@ def large_section(args, batch, hidden):
       jax.block_until_ready(operator.matvec(v))
     return time.perf_counter() - start
 
-  singles, references, totals = [], {"partial": [], "full": []}, {"partial": [], "full": []}
+  singles, references, totals = [], {mode: [] for mode in modes}, {mode: [] for mode in modes}
   for _ in range(1 if args.quick else args.lanczos_rounds):
     times = []
     for _ in range(3):
@@ -313,20 +328,20 @@ def large_section(args, batch, hidden):
     before = {mode: hvp_sequence(count) for mode, count in counts.items()}
     for mode in totals:
       start = time.perf_counter()
-      jax.block_until_ready(analysis.hessian_eigenvalues(loss_fn, params, batches, reorthogonalize=mode,
-                                                         **kwargs).eigenvectors)
+      jax.block_until_ready(eigen(mode).eigenvectors)
       totals[mode].append(time.perf_counter() - start)
     after = {mode: hvp_sequence(count) for mode, count in counts.items()}
     for mode in totals:
       references[mode].append(0.5 * (before[mode] + after[mode]))
-  results = {mode: analysis.hessian_eigenvalues(loss_fn, params, batches, reorthogonalize=mode, **kwargs)
-             for mode in ("partial", "full")}
+  results = {mode: eigen(mode) for mode in modes}
   del operator, v
   result, full = results["partial"], results["full"]
-  assert result.num_hvps == counts["partial"] and full.num_hvps == counts["full"]
+  assert all(results[mode].num_hvps == counts[mode] for mode in modes)
   hvps = np.asarray(references["partial"]) / result.num_hvps  # one HVP, as measured in sequence
   ratio, ratio_low, ratio_high = paired_ratio(np.asarray(totals["partial"]), np.asarray(references["partial"]))
   full_ratio = paired_ratio(np.asarray(totals["full"]), np.asarray(references["full"]))[0]
+  unfused_ratio = paired_ratio(np.asarray(totals["unfused"]), np.asarray(references["unfused"]))[0]
+  fused_gain = paired_ratio(np.asarray(totals["partial"]), np.asarray(totals["unfused"]))
   single_ratio = paired_ratio(np.asarray(totals["partial"]), result.num_hvps * np.asarray(singles))[0]
   hvp, total, full_total = float(np.median(hvps)), float(np.median(totals["partial"])), float(np.median(totals["full"]))
   difference = float(np.max(np.abs(result.eigenvalues - full.eigenvalues) / np.abs(full.eigenvalues)))
@@ -342,16 +357,28 @@ def large_section(args, batch, hidden):
   print(f"| same, dividing by the median of 3 single HVPs instead | {single_ratio:.2f}x | |")
   print(f"| same, full reorthogonalisation: HVPs, seconds, time / (HVPs x one HVP) | {full.num_hvps}, "
         f"{full_total:.2f} s, {full_ratio:.2f}x | |")
+  print(f"| same, unfused (separate product, three-term step and scaling calls; beta back from the host): "
+        f"seconds, time / (HVPs x one HVP) | {float(np.median(totals['unfused'])):.2f} s, {unfused_ratio:.2f}x | |")
+  print(f"| fused / unfused time, median of per-round ratios (95 % CI) | {fused_gain[0]:.3f} "
+        f"({fused_gain[1]:.3f}–{fused_gain[2]:.3f}) | |")
+  unfused_difference = float(np.max(np.abs(result.eigenvalues - results["unfused"].eigenvalues)
+                                    / np.abs(results["unfused"].eigenvalues)))
   print(f"| eigenvalues, partial vs full: max relative difference | {difference:.1e} | |")
+  print(f"| eigenvalues, fused vs unfused: max relative difference | {unfused_difference:.1e} | |")
+  on_host = jax.default_backend() == "cpu"  # XLA:CPU's device memory is the host's RAM
   print(f"| peak RSS growth during top_k=5 (first call, incl. compilation) | {growth_gb:.3f} GB | "
         f"<= 0.5 GB: {verdict(growth_gb <= 0.5)} |")
-  print(f"| of which the Krylov basis ({result.num_hvps} float32 vectors, device memory = host RAM on CPU) "
-        f"| {basis_gb:.3f} GB | |")
+  where = "device memory = host RAM on CPU: in the RSS above" if on_host else "device memory: not in the RSS above"
+  print(f"| Krylov basis ({result.num_hvps} float32 vectors, {where}) | {basis_gb:.3f} GB | |")
   vectors_gb = len(result.eigenvectors) * count * 4 / 1e9
-  print(f"| and the {len(result.eigenvectors)} eigenvectors' accumulator (device memory; a temporary: the "
+  print(f"| the {len(result.eigenvectors)} eigenvectors' accumulator (device memory; a temporary: the "
         f"eigenvectors themselves are written into the dead basis' memory) | {vectors_gb:.3f} GB | |")
-  print(f"| peak RSS growth beyond these device arrays (compilation, linearisation residuals, "
-        f"temporaries) | {growth_gb - basis_gb - vectors_gb:.3f} GB | |")
+  if on_host:
+    print(f"| peak RSS growth beyond these device arrays (compilation, linearisation residuals, "
+          f"temporaries) | {growth_gb - basis_gb - vectors_gb:.3f} GB | |")
+  elif device_peak_gb is not None:
+    print(f"| peak device memory in use during top_k=5 (params, batches, residuals, basis, temporaries) | "
+          f"{device_peak_gb:.3f} GB | |")
   print(f"| old design (host float64 basis of {result.num_hvps} x {count:,}, for comparison) | "
         f"{result.num_hvps * count * 8 / 1e9:.3f} GB + copies | |")
   print(f"| eigenvalues | {np.array2string(result.eigenvalues, precision=5)} | |")

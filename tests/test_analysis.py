@@ -347,3 +347,53 @@ def test_float64_under_x64():
     # Rademacher probes: v^T diag(d) v = sum(d) exactly, for every probe.
     trace = analysis.hessian_trace(quadratic, params, [curvature], 4, key=jax.random.key(0))
     np.testing.assert_allclose(trace.samples, np.sum(flat_curvature), rtol=1e-12)
+
+
+@pytest.mark.parametrize("linearize", [True, False])
+@pytest.mark.parametrize("batches", [BATCHES, BATCHES[1:2]], ids=["3 batches", "1 batch"])
+def test_fused_lanczos_step_matches_dense(dense, linearize, batches):
+  """``lanczos_step``: q = v / beta, w = H q - alpha q - beta_prev q_prev, alpha = q^T H q, ||w||, by hand
+  with the dense Hessian; every batch count and both product kinds (linearised once, or recomputed)."""
+  if len(batches) == 1:
+    f, unravel = ravel_pytree(PARAMS)
+    hessian = np.asarray(jax.hessian(lambda x: loss_fn(unravel(x), batches[0]))(f), np.float64)
+  else:
+    hessian = dense[0]
+  operator = analysis.hessian_operator(loss_fn, PARAMS, batches, linearize=linearize)
+  unravel = ravel_pytree(PARAMS)[1]
+  v_flat, prev_flat = RNG.normal(size=(2, hessian.shape[0]))
+  prev_flat /= np.linalg.norm(prev_flat)
+  beta, beta_prev = 2.5, 0.7
+  for scaled in (False, True):
+    v = unravel(jnp.asarray(v_flat, jnp.float32))
+    q_flat = v_flat / beta if scaled else v_flat
+    q, w, (alpha, norm), norm_on_device = operator.lanczos_step(
+        v, jnp.float32(beta) if scaled else None, unravel(jnp.asarray(prev_flat, jnp.float32)), jnp.float32(beta_prev))
+    assert float(norm_on_device) == float(norm)
+    hq = hessian @ q_flat
+    want_alpha = q_flat @ hq
+    want_w = hq - want_alpha * q_flat - beta_prev * prev_flat
+    np.testing.assert_allclose(flat(q), q_flat, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(alpha), want_alpha, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flat(w), want_w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(norm), np.linalg.norm(want_w), rtol=1e-4)
+  assert operator.counter[0] == 2
+  assert analysis.hessian_operator(loss_fn, PARAMS, batches, jit=False).lanczos_step is None
+
+
+def test_fused_iterations_equal_the_matvec_recurrence():
+  """hessian_eigenvalues (fused steps, beta kept on device) runs the same recurrence as ``lanczos(matvec)``."""
+  key = jax.random.key(7)
+  fused = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=3, key=key, tol=1e-6)
+  operator = analysis.hessian_operator(loss_fn, PARAMS, BATCHES)
+  start = analysis.hessian._start_vector(operator, key)  # the same start vector
+  tops = []
+
+  def converged(values, residuals):
+    order = np.argsort(-np.abs(values))[:3]
+    tops.append(values[order])
+    return len(order) == 3 and bool(np.all(residuals[order] <= 1e-6 * np.abs(values[order])))
+
+  plain = analysis.lanczos(operator.matvec, start, 100, converged=converged, min_iters=4)
+  assert len(plain.basis) == fused.num_hvps
+  np.testing.assert_allclose(fused.eigenvalues, tops[-1], rtol=1e-6)

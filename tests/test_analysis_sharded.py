@@ -183,4 +183,11 @@ def test_wide_leaves_eigenvectors_keep_shardings(axis_type):
     for key in shapes:
       assert got[key].sharding == shardings[key], (key, got[key].sharding)
     got, want = (np.asarray(ravel_pytree(jax.device_get(t))[0], np.float64) for t in (got, want))
-    np.testing.assert_allclose(got * np.sign(got @ want), want, rtol=1e-4, atol=1e-5)
+    # The exact eigenvectors are unit vectors. Partial reorthogonalisation keeps the basis orthogonal to
+    # sqrt(eps) ~ 3e-4 only, so the Ritz vectors' small entries carry rounding of ~1e-5 that depends on the
+    # reduction order (sharded or not), while the eigenvalues are exact to working precision (above).
+    exact = np.zeros_like(want)
+    exact[np.argmax(np.abs(want))] = 1.0
+    for vector in (got, want):
+      np.testing.assert_allclose(vector * np.sign(vector @ exact), exact, atol=5e-5)
+    np.testing.assert_allclose(got * np.sign(got @ want), want, rtol=1e-4, atol=5e-5)
