@@ -381,19 +381,24 @@ def test_fused_lanczos_step_matches_dense(dense, linearize, batches):
   assert analysis.hessian_operator(loss_fn, PARAMS, batches, jit=False).lanczos_step is None
 
 
-def test_fused_iterations_equal_the_matvec_recurrence():
-  """hessian_eigenvalues (fused steps, beta kept on device) runs the same recurrence as ``lanczos(matvec)``."""
-  key = jax.random.key(7)
-  fused = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=3, key=key, tol=1e-6)
+def test_fused_iterations_equal_the_unfused_ones(dense, monkeypatch):
+  """The accelerators' fused iterations (forced here, on CPU) give the unfused iterations' HVP count and
+  eigenpairs, and the dense Hessian's eigenvalues; on CPU the default is unfused."""
+  _, values, _ = dense
+  top = values[np.argsort(-np.abs(values))[:3]]
   operator = analysis.hessian_operator(loss_fn, PARAMS, BATCHES)
-  start = analysis.hessian._start_vector(operator, key)  # the same start vector
-  tops = []
-
-  def converged(values, residuals):
-    order = np.argsort(-np.abs(values))[:3]
-    tops.append(values[order])
-    return len(order) == 3 and bool(np.all(residuals[order] <= 1e-6 * np.abs(values[order])))
-
-  plain = analysis.lanczos(operator.matvec, start, 100, converged=converged, min_iters=4)
-  assert len(plain.basis) == fused.num_hvps
-  np.testing.assert_allclose(fused.eigenvalues, tops[-1], rtol=1e-6)
+  assert analysis.hessian._fused_step(operator) is None  # XLA:CPU
+  kwargs = dict(key=jax.random.key(7), tol=1e-6)
+  results = {}
+  for fused in (False, True):
+    monkeypatch.setattr(analysis.hessian, "_fused_step", lambda op, fused=fused: op.lanczos_step if fused else None)
+    results[fused] = (analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=3, **kwargs),
+                      analysis.hessian_extremes(loss_fn, PARAMS, BATCHES, **kwargs))
+  (unfused, unfused_ends), (fused, fused_ends) = results[False], results[True]
+  assert fused.num_hvps == unfused.num_hvps and fused_ends.num_hvps == unfused_ends.num_hvps
+  np.testing.assert_allclose(fused.eigenvalues, top, rtol=1e-5)
+  np.testing.assert_allclose(fused.eigenvalues, unfused.eigenvalues, rtol=1e-6)
+  np.testing.assert_allclose(tuple(fused_ends), (values[-1], values[0]), rtol=1e-4)
+  for got, want in zip(fused.eigenvectors, unfused.eigenvectors):
+    got, want = flat(got), flat(want)
+    np.testing.assert_allclose(got * np.sign(got @ want), want, atol=1e-4)

@@ -106,7 +106,14 @@ def test_krylov_basis_carries_the_params_shardings(mode):
   np.testing.assert_allclose(flat @ flat.T, np.eye(12), atol=tolerance)
 
 
-def test_eigenpairs_match_single_device_and_dense(dense):
+def force_iterations(monkeypatch, fused):
+  """Fused iterations (``HessianOperator.lanczos_step``, the accelerator default) or unfused (the CPU default)."""
+  monkeypatch.setattr(analysis.hessian, "_fused_step", lambda operator: operator.lanczos_step if fused else None)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_eigenpairs_match_single_device_and_dense(dense, fused, monkeypatch):
+  force_iterations(monkeypatch, fused)
   _, values = dense
   kwargs = dict(top_k=3, key=jax.random.key(0))
   single = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, **kwargs)
@@ -139,8 +146,10 @@ def test_trace_density_summary_match_single_device():
   assert summaries[1].num_hvps == summaries[0].num_hvps
 
 
-def test_explicit_data_parallel_mesh():
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_explicit_data_parallel_mesh(fused, monkeypatch):
   """README integration 6's mesh: Explicit axes, replicated params, the batch split over 8 devices."""
+  force_iterations(monkeypatch, fused)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   params = jax.device_put(PARAMS, NamedSharding(mesh, P()))
   batches = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in BATCHES]
@@ -155,11 +164,13 @@ def test_explicit_data_parallel_mesh():
   np.testing.assert_allclose(trace[1].samples, trace[0].samples, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
-def test_wide_leaves_eigenvectors_keep_shardings(axis_type):
+def test_wide_leaves_eigenvectors_keep_shardings(axis_type, fused, monkeypatch):
   """Leaves whose last axis is a multiple of 128 (eigenvectors formed in the interleaved layout), sharded
   along the leading axis, along the last axis (not interleaved) or replicated: eigenpairs equal the known
   ones of ``H = diag(d)`` and the single-device result, and every eigenvector keeps the params' shardings."""
+  force_iterations(monkeypatch, fused)
   mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
   rng = np.random.default_rng(11)
   shapes = {"rows": (8, 256), "columns": (4, 1024), "bias": (384,)}

@@ -39,6 +39,14 @@ device), and the Lanczos basis is a Python list of such pytrees.
   vector's norm (Daniel, Gragg, Kaufman & Stewart 1976: "twice is enough").
 * Only the tridiagonal coefficients ``alpha_j, beta_j`` (scalars) go to the
   host, where the small ``T`` is diagonalised in float64 to test convergence.
+  On an accelerator an iteration of :func:`hessian_eigenvalues` /
+  :func:`hessian_extremes` is fused into the product's programs
+  (:attr:`HessianOperator.lanczos_step`): the first batch's call also
+  normalises the previous vector, the last batch's also does the three-term
+  step, ``[alpha_j, beta_j]`` comes back in one transfer and ``beta_j`` stays
+  on the devices for the next iteration. On XLA:CPU, where memory traffic
+  costs and not calls, the vector work keeps calls of its own (measured; see
+  :func:`_fused_step`).
 * The eigenvectors ``y_k = sum_j s_{j,k} q_j`` are formed in one read of the
   basis: each leaf's ``k`` combinations are interleaved in blocks of 128
   elements, so a block of every basis vector is read from memory once and
@@ -987,6 +995,23 @@ class EigenResult(_UnpacksAs):
   residuals: np.ndarray
 
 
+def _fused_step(operator: HessianOperator) -> Optional[Callable]:
+  """``operator.lanczos_step`` where fusing measures faster: params on an accelerator, not on XLA:CPU.
+
+  Measured on an 11.6M-parameter MLP: on an H100 the fused iteration took
+  0.905x the time of separate calls (what costs there is each call and
+  transfer); on XLA:CPU, whose cost is memory traffic, XLA's own count of
+  bytes accessed rose from 0.80 to 0.98 GB for the last batch's program
+  once the three-term step was fused into it, and the iteration got slower
+  (1.03x), so on CPU the vector work stays in calls of its own.
+  """
+  leaves = jax.tree.leaves(operator.params)
+  devices = leaves[0].devices() if leaves and hasattr(leaves[0], "devices") else set()
+  if any(device.platform == "cpu" for device in devices):
+    return None
+  return operator.lanczos_step
+
+
 def _start_vector(operator: HessianOperator, key: jax.Array) -> Any:
   return _random_like(operator.params, key, "normal")
 
@@ -1065,7 +1090,7 @@ def hessian_eigenvalues(
 
   result = _lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged, top_k + 1, True,
                     _reorthogonalization_for(operator.params, reorthogonalize), own_start=True,
-                    step=operator.lanczos_step)
+                    step=_fused_step(operator))
   order = np.argsort(-np.abs(result.ritz_values))[:top_k]
   ops = _lanczos_ops(jit)
   vectors = _ritz_vectors(ops, result.basis, result.ritz_vectors[:, order], operator.params, consume=True)
@@ -1132,7 +1157,7 @@ def hessian_extremes(
 
   result = _lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged, 3, True,
                     _reorthogonalization_for(operator.params, "partial"), own_start=True,
-                    step=operator.lanczos_step)
+                    step=_fused_step(operator))
   return Extremes(float(result.ritz_values[-1]), float(result.ritz_values[0]), operator.counter[0])
 
 
