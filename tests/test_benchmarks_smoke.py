@@ -15,7 +15,10 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
     ("memory_and_groups.py", ["target: n=4 temp bytes <= 0.4x n=1",
                               "target: every n equals the big-batch SAM step (<= 1e-5): ",
                               "| m=8 |"]),
-    ("hessian_benchmark.py", ["| HVP / gradient time |", "| method | HVPs |"]),
+    ("hessian_benchmark.py", ["| HVP / gradient time |", "| method | HVPs |",
+                              "| fused / unfused time, median of per-round ratios (95 % CI) |"]),
+    ("lanczos_overheads.py", ["| one iteration (ends with [alpha, beta] on the host) |", "| device weight |",
+                              "| last batch + three-term step |"]),
 ])
 def test_benchmark_smoke(script, expected):
   completed = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), "--quick"],

@@ -674,11 +674,6 @@ def _reorthogonalization_for(params: Any, requested: str) -> str:
   return "full" if low else requested
 
 
-def _norm_bound(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
-  """Gershgorin's bound on ``||T||`` per probe: ``max |alpha| + 2 max beta`` (iterations on axis 0)."""
-  return np.max(np.abs(alphas), axis=0) + 2 * (np.max(betas, axis=0) if len(betas) else 0.0)
-
-
 def _to_host(x: Any) -> np.ndarray:
   """A scalar or per-probe device value as a float64 numpy array of at least one dimension."""
   return np.atleast_1d(np.asarray(jax.device_get(x), np.float64))
@@ -709,8 +704,8 @@ class _OrthogonalityEstimate:
     self.current = np.ones((1, num))  # omega_{j, 0..j}
 
   def step(self, alphas: np.ndarray, betas: np.ndarray, beta: np.ndarray, norm_t: np.ndarray) -> np.ndarray:
-    """``omega_{j+1, 0..j}`` from ``alphas[0..j]``, ``betas[0..j-1]``, ``beta = beta_j`` and
-    ``norm_t`` = :func:`_norm_bound` of those alphas and betas; returns its max |.|."""
+    """``omega_{j+1, 0..j}`` from ``alphas[0..j]``, ``betas[0..j-1]``, ``beta = beta_j`` and Gershgorin's
+    bound on ``||T||`` of those, ``norm_t = max |alpha| + 2 max beta`` (per probe); returns its max |.|."""
     with np.errstate(over="ignore", invalid="ignore"):  # probes that broke down (beta = 0) are ignored
       return self._step(alphas, betas, beta, norm_t)
 
@@ -800,7 +795,7 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
       alpha, norm = map(_to_host, jax.device_get((alpha, norm_device)))  # one transfer
     alphas[j] = alpha
     max_alpha = np.maximum(max_alpha, np.abs(alpha))
-    norm_t = max_alpha + 2 * max_beta  # _norm_bound(alphas[:j + 1], betas[:j])
+    norm_t = max_alpha + 2 * max_beta  # Gershgorin's bound on ||T||: max |alpha| + 2 max beta
     if estimate is None:
       against = basis
     else:
@@ -1002,8 +997,9 @@ def _fused_step(operator: HessianOperator) -> Optional[Callable]:
   0.905x the time of separate calls (what costs there is each call and
   transfer); on XLA:CPU, whose cost is memory traffic, XLA's own count of
   bytes accessed rose from 0.80 to 0.98 GB for the last batch's program
-  once the three-term step was fused into it, and the iteration got slower
-  (1.03x), so on CPU the vector work stays in calls of its own.
+  once the three-term step was fused into it, and the whole call got slower
+  (1.03x and 1.09x in two runs), so on CPU the vector work stays in calls of
+  its own.
   """
   leaves = jax.tree.leaves(operator.params)
   devices = leaves[0].devices() if leaves and hasattr(leaves[0], "devices") else set()
