@@ -10,7 +10,7 @@ import numpy as np
 
 
 def xla_figures(jitted: Callable[..., Any], *args, **kwargs) -> dict:
-  """XLA's ``cost_analysis()`` flops and ``memory_analysis()`` temp bytes of a compiled call."""
+  """XLA's ``cost_analysis()`` flops and bytes accessed, and ``memory_analysis()`` temp bytes, of a compiled call."""
   compiled = jitted.lower(*args, **kwargs).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -19,6 +19,7 @@ def xla_figures(jitted: Callable[..., Any], *args, **kwargs) -> dict:
   return {
       "compiled": compiled,
       "flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+      "bytes_accessed": float(cost.get("bytes accessed", float("nan"))) if cost else float("nan"),
       "temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1,
   }
 

@@ -38,15 +38,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
-from common import interleaved_samples, paired_ratio  # noqa: E402
+from common import interleaved_samples, paired_ratio, xla_figures  # noqa: E402
 from hessian_benchmark import MLP, images, make_loss  # noqa: E402
 from sam_optax.analysis import hessian  # noqa: E402  (internals: this script times their pieces)
 
 
 def bytes_accessed(jitted, *args) -> float:
-  cost = jitted.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("bytes accessed", float("nan"))) / 1e9
+  """XLA's count of bytes accessed by the compiled call, in GB."""
+  return xla_figures(jitted, *args)["bytes_accessed"] / 1e9
 
 
 def main(argv=None) -> int:
