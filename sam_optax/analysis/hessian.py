@@ -425,7 +425,8 @@ def _scalars_beside(params: Any, values: np.ndarray) -> list:
   0.20 ms with a device-resident one. Params on no single device or mesh
   keep Python floats.
   """
-  sharding = getattr(jax.tree.leaves(params)[0], "sharding", None) if jax.tree.leaves(params) else None
+  leaves = jax.tree.leaves(params)
+  sharding = getattr(leaves[0], "sharding", None) if leaves else None
   if isinstance(sharding, NamedSharding):
     sharding = NamedSharding(sharding.mesh, PartitionSpec())
   elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
