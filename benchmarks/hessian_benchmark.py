@@ -293,23 +293,26 @@ def large_section(args, batch, hidden):
   jax.block_until_ready(operator.matvec(v))
   kwargs = dict(top_k=5, key=jax.random.key(0), max_iters=100)
 
-  fused_here = analysis.hessian._fused_step(analysis.hessian_operator(loss_fn, params, batches)) is not None
-  other = "unfused" if fused_here else "fused"
+  designs = ("host", "fused", "loop")
+  default = analysis.hessian._iteration_design(analysis.hessian_operator(loss_fn, params, batches))
+  others = tuple(d for d in designs if d != default)
 
   def eigen(mode):
-    """``mode``: "partial" or "full" (this backend's default iteration), or the other iteration design with
-    partial reorthogonalisation: "fused" (the product, three-term step and scaling in the product's programs,
-    ``HessianOperator.lanczos_step``; the accelerator default) or "unfused" (separate calls; the CPU default)."""
+    """``mode``: "partial" or "full" (this backend's default iteration design), or another design with partial
+    reorthogonalisation: "host" (a host loop of separate product, three-term step and scaling calls; XLA:CPU's
+    default for large models), "fused" (a host loop of ``HessianOperator.lanczos_step``: the vector work inside
+    the product's programs) or "loop" (device loops of iterations, the host testing convergence between them;
+    the accelerators' default)."""
     if mode in ("partial", "full"):
       return analysis.hessian_eigenvalues(loss_fn, params, batches, reorthogonalize=mode, **kwargs)
-    choose = analysis.hessian._fused_step
-    analysis.hessian._fused_step = (lambda operator: operator.lanczos_step) if mode == "fused" else (lambda _: None)
+    choose = analysis.hessian._iteration_design
+    analysis.hessian._iteration_design = lambda operator: mode
     try:
       return analysis.hessian_eigenvalues(loss_fn, params, batches, **kwargs)
     finally:
-      analysis.hessian._fused_step = choose
+      analysis.hessian._iteration_design = choose
 
-  modes = ("partial", "full", other)
+  modes = ("partial", "full") + others
   results = {mode: eigen(mode) for mode in modes}  # compiles every mode's programs; fixes the HVP counts
   jax.block_until_ready([r.eigenvectors for r in results.values()])
   counts = {mode: results[mode].num_hvps for mode in results}
@@ -344,13 +347,15 @@ def large_section(args, batch, hidden):
   hvps = np.asarray(references["partial"]) / result.num_hvps  # one HVP, as measured in sequence
   ratio, ratio_low, ratio_high = paired_ratio(np.asarray(totals["partial"]), np.asarray(references["partial"]))
   full_ratio = paired_ratio(np.asarray(totals["full"]), np.asarray(references["full"]))[0]
-  other_ratio = paired_ratio(np.asarray(totals[other]), np.asarray(references[other]))[0]
-  fused_gain = (paired_ratio(np.asarray(totals["partial"]), np.asarray(totals[other])) if fused_here else
-                paired_ratio(np.asarray(totals[other]), np.asarray(totals["partial"])))
   single_ratio = paired_ratio(np.asarray(totals["partial"]), result.num_hvps * np.asarray(singles))[0]
   hvp, total, full_total = float(np.median(hvps)), float(np.median(totals["partial"])), float(np.median(totals["full"]))
   difference = float(np.max(np.abs(result.eigenvalues - full.eigenvalues) / np.abs(full.eigenvalues)))
-  basis_gb = result.num_hvps * count * 4 / 1e9
+  rows = result.num_hvps
+  if default == "loop":  # device loops preallocate the basis: 32 rows, doubled when a run needs more
+    rows = min(100, analysis.hessian._LOOP_CAPACITY)
+    while rows < result.num_hvps:
+      rows = min(100, 2 * rows)
+  basis_gb = rows * count * 4 / 1e9
   print(f"\nAnalysis on the devices: MLP {hidden}, {count:,} parameters, 2 batches of {half}\n")
   print("| quantity | value | target |")
   print("|---|---:|---|")
@@ -362,25 +367,27 @@ def large_section(args, batch, hidden):
   print(f"| same, dividing by the median of 3 single HVPs instead | {single_ratio:.2f}x | |")
   print(f"| same, full reorthogonalisation: HVPs, seconds, time / (HVPs x one HVP) | {full.num_hvps}, "
         f"{full_total:.2f} s, {full_ratio:.2f}x | |")
-  design = ("unfused (separate product, three-term step and scaling calls; beta back from the host)" if fused_here
-            else "fused (HessianOperator.lanczos_step, the accelerator default)")
-  print(f"| iterations: {'fused' if fused_here else 'unfused'} on this backend | | |")
-  print(f"| same, {design}: seconds, time / (HVPs x one HVP) | {float(np.median(totals[other])):.2f} s, "
-        f"{other_ratio:.2f}x | |")
-  print(f"| fused / unfused time, median of per-round ratios (95 % CI) | {fused_gain[0]:.3f} "
-        f"({fused_gain[1]:.3f}–{fused_gain[2]:.3f}) | |")
-  other_difference = float(np.max(np.abs(result.eigenvalues - results[other].eigenvalues)
-                                  / np.abs(results[other].eigenvalues)))
+  print(f"| iterations on this backend for this model: {default} | | |")
+  for other in others:
+    other_ratio = paired_ratio(np.asarray(totals[other]), np.asarray(references[other]))[0]
+    gain = paired_ratio(np.asarray(totals[other]), np.asarray(totals["partial"]))
+    other_difference = float(np.max(np.abs(result.eigenvalues - results[other].eigenvalues)
+                                    / np.abs(results[other].eigenvalues)))
+    print(f"| {other} instead: HVPs, seconds, time / (HVPs x one HVP) | {results[other].num_hvps}, "
+          f"{float(np.median(totals[other])):.2f} s, {other_ratio:.2f}x | |")
+    print(f"| {other} / {default} time, median of per-round ratios (95 % CI); eigenvalues' max relative "
+          f"difference | {gain[0]:.3f} ({gain[1]:.3f}–{gain[2]:.3f}); {other_difference:.1e} | |")
   print(f"| eigenvalues, partial vs full: max relative difference | {difference:.1e} | |")
-  print(f"| eigenvalues, fused vs unfused: max relative difference | {other_difference:.1e} | |")
   on_host = jax.default_backend() == "cpu"  # XLA:CPU's device memory is the host's RAM
   print(f"| peak RSS growth during top_k=5 (first call, incl. compilation) | {growth_gb:.3f} GB | "
         f"<= 0.5 GB: {verdict(growth_gb <= 0.5)} |")
   where = "device memory = host RAM on CPU: in the RSS above" if on_host else "device memory: not in the RSS above"
-  print(f"| Krylov basis ({result.num_hvps} float32 vectors, {where}) | {basis_gb:.3f} GB | |")
+  print(f"| Krylov basis ({rows} float32 vectors, {where}) | {basis_gb:.3f} GB | |")
   vectors_gb = len(result.eigenvectors) * count * 4 / 1e9
-  print(f"| the {len(result.eigenvectors)} eigenvectors' accumulator (device memory; a temporary: the "
-        f"eigenvectors themselves are written into the dead basis' memory) | {vectors_gb:.3f} GB | |")
+  into = ("the eigenvectors themselves are written into the dead basis' memory" if default != "loop" else
+          "then the eigenvectors")
+  print(f"| the {len(result.eigenvectors)} eigenvectors' accumulator (device memory; a temporary: {into}) | "
+        f"{vectors_gb:.3f} GB | |")
   if on_host:
     print(f"| peak RSS growth beyond these device arrays (compilation, linearisation residuals, "
           f"temporaries) | {growth_gb - basis_gb - vectors_gb:.3f} GB | |")

@@ -381,24 +381,100 @@ def test_fused_lanczos_step_matches_dense(dense, linearize, batches):
   assert analysis.hessian_operator(loss_fn, PARAMS, batches, jit=False).lanczos_step is None
 
 
-def test_fused_iterations_equal_the_unfused_ones(dense, monkeypatch):
-  """The accelerators' fused iterations (forced here, on CPU) give the unfused iterations' HVP count and
-  eigenpairs, and the dense Hessian's eigenvalues; on CPU the default is unfused."""
+def force_design(monkeypatch, design):
+  """``"host"`` (separate calls, XLA:CPU's default), ``"fused"`` or ``"loop"`` (device loops)."""
+  monkeypatch.setattr(analysis.hessian, "_iteration_design", lambda operator: design)
+
+
+@pytest.mark.parametrize("design", ["fused", "loop"])
+def test_iteration_designs_equal_the_host_loop(dense, design, monkeypatch):
+  """The fused iterations and the device loops (forced here, on CPU) give the host loop's HVP counts and
+  eigenpairs, and the dense Hessian's eigenvalues, with partial and full reorthogonalisation."""
   _, values, _ = dense
   top = values[np.argsort(-np.abs(values))[:3]]
-  operator = analysis.hessian_operator(loss_fn, PARAMS, BATCHES)
-  assert analysis.hessian._fused_step(operator) is None  # XLA:CPU
   kwargs = dict(key=jax.random.key(7), tol=1e-6)
   results = {}
-  for fused in (False, True):
-    monkeypatch.setattr(analysis.hessian, "_fused_step", lambda op, fused=fused: op.lanczos_step if fused else None)
-    results[fused] = (analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=3, **kwargs),
-                      analysis.hessian_extremes(loss_fn, PARAMS, BATCHES, **kwargs))
-  (unfused, unfused_ends), (fused, fused_ends) = results[False], results[True]
-  assert fused.num_hvps == unfused.num_hvps and fused_ends.num_hvps == unfused_ends.num_hvps
-  np.testing.assert_allclose(fused.eigenvalues, top, rtol=1e-5)
-  np.testing.assert_allclose(fused.eigenvalues, unfused.eigenvalues, rtol=1e-6)
-  np.testing.assert_allclose(tuple(fused_ends), (values[-1], values[0]), rtol=1e-4)
-  for got, want in zip(fused.eigenvectors, unfused.eigenvectors):
+  for name in ("host", design):
+    force_design(monkeypatch, name)
+    results[name] = (analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=3, **kwargs),
+                     analysis.hessian_extremes(loss_fn, PARAMS, BATCHES, **kwargs),
+                     analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=3, reorthogonalize="full", **kwargs))
+  for want, got in zip(results["host"], results[design]):
+    assert got.num_hvps == want.num_hvps
+  (host, _, host_full), (other, ends, full) = results["host"], results[design]
+  np.testing.assert_allclose(other.eigenvalues, top, rtol=1e-5)
+  np.testing.assert_allclose(other.eigenvalues, host.eigenvalues, rtol=1e-6)
+  np.testing.assert_allclose(full.eigenvalues, host_full.eigenvalues, rtol=1e-6)
+  np.testing.assert_allclose(tuple(ends), (values[-1], values[0]), rtol=1e-4)
+  for got, want in zip(other.eigenvectors, host.eigenvectors):
+    assert jax.tree.structure(got) == jax.tree.structure(PARAMS)
     got, want = flat(got), flat(want)
+    np.testing.assert_allclose(np.linalg.norm(got), 1.0, rtol=1e-5)
     np.testing.assert_allclose(got * np.sign(got @ want), want, atol=1e-4)
+
+
+def _numpy_lanczos(matrix, start, iterations):
+  """Textbook Lanczos in float64 with full reorthogonalisation (twice): alphas, betas, basis rows."""
+  q = start / np.linalg.norm(start)
+  basis, alphas, betas = [q], [], []
+  for j in range(iterations):
+    w = matrix @ basis[j]
+    alphas.append(basis[j] @ w)
+    for _ in range(2):
+      w = w - np.stack(basis).T @ (np.stack(basis) @ w)
+    betas.append(np.linalg.norm(w))
+    basis.append(w / betas[-1])
+  return np.array(alphas), np.array(betas), np.stack(basis[:iterations])
+
+
+@pytest.mark.parametrize("reorthogonalize", ["full", "partial"])
+def test_device_loop_matches_numpy_lanczos(dense, reorthogonalize):
+  """``lanczos_loop`` in chunks: alpha, beta and the basis against textbook float64 Lanczos on the dense
+  Hessian (full), or a semi-orthogonal basis and the dense extreme eigenvalues (partial)."""
+  hessian_matrix, values, _ = dense
+  operator = analysis.hessian_operator(loss_fn, PARAMS, BATCHES)
+  start = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape), jnp.float32), PARAMS)
+  start_flat = flat(start)
+  iterations = 40
+  alphas, betas, state, m, _, performed = analysis.hessian._lanczos_in_loop(
+      lambda s, stop: operator.lanczos_loop(s, stop, reorthogonalize == "full"), start, iterations, 5,
+      lambda ritz, residuals: np.inf, reorthogonalize)
+  assert m == performed == iterations
+  rows = np.stack([np.concatenate([np.asarray(leaf[i], np.float64).ravel() for leaf in jax.tree.leaves(state.basis)])
+                   for i in range(iterations)])
+  rows = rows[:, np.argsort(np.argsort(np.arange(rows.shape[1])))]  # leaves in ravel_pytree's order already
+  if reorthogonalize == "full":
+    want_alphas, want_betas, want_basis = _numpy_lanczos(hessian_matrix, start_flat, iterations)
+    np.testing.assert_allclose(alphas, want_alphas, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(betas, want_betas, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(rows[:10], want_basis[:10], atol=1e-4)
+    np.testing.assert_allclose(rows @ rows.T, np.eye(iterations), atol=1e-5)
+  else:
+    np.testing.assert_allclose(rows @ rows.T, np.eye(iterations), atol=np.sqrt(np.finfo(np.float32).eps))
+  ritz = np.linalg.eigvalsh(np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1))
+  np.testing.assert_allclose([ritz[-1], ritz[0]], [values[-1], values[0]], rtol=1e-4)
+  assert operator.counter[0] == 0  # the loop does not count; its caller does
+
+
+def test_device_loop_on_an_invariant_krylov_space():
+  """H = diag with 3 distinct eigenvalues: the Krylov space of a start vector has dimension 3, so 3
+  iterations give them exactly (residuals ~0), as a dense eigendecomposition does."""
+  curvature = jnp.asarray([1.0, 1.0, 2.0, 2.0, 2.0, 5.0, 5.0, 1.0])
+  quadratic = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)
+  operator = analysis.hessian_operator(quadratic, jnp.ones(8), [curvature])
+  assert analysis.hessian._iteration_design(operator) == "loop"  # tiny, no convolution: loops on CPU too
+  result = analysis.hessian_eigenvalues(quadratic, jnp.ones(8), [curvature], top_k=2, key=jax.random.key(0))
+  assert result.num_hvps == 3
+  np.testing.assert_allclose(result.eigenvalues, [5.0, 2.0], rtol=1e-6)
+  assert np.all(result.residuals < 1e-6)
+
+
+def test_iteration_design_on_cpu():
+  """XLA:CPU: device loops for small convolution-free losses, the host loop for convolutions and large models."""
+  design = analysis.hessian._iteration_design
+  assert design(analysis.hessian_operator(loss_fn, PARAMS, BATCHES)) == "host"  # a convolution
+  dense_loss = lambda w, batch: jnp.mean(jnp.tanh(batch @ w) ** 2)
+  small, large = jnp.ones((16, 4)), jnp.ones((1000, 300))  # 64 and 300k parameters
+  assert design(analysis.hessian_operator(dense_loss, small, [jnp.ones((3, 16))])) == "loop"
+  assert design(analysis.hessian_operator(dense_loss, large, [jnp.ones((3, 1000))])) == "host"
+  assert design(analysis.hessian_operator(dense_loss, small, [jnp.ones((3, 16))], jit=False)) == "host"

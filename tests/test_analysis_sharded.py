@@ -106,14 +106,17 @@ def test_krylov_basis_carries_the_params_shardings(mode):
   np.testing.assert_allclose(flat @ flat.T, np.eye(12), atol=tolerance)
 
 
-def force_iterations(monkeypatch, fused):
-  """Fused iterations (``HessianOperator.lanczos_step``, the accelerator default) or unfused (the CPU default)."""
-  monkeypatch.setattr(analysis.hessian, "_fused_step", lambda operator: operator.lanczos_step if fused else None)
+DESIGNS = ["host", "fused", "loop"]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-def test_eigenpairs_match_single_device_and_dense(dense, fused, monkeypatch):
-  force_iterations(monkeypatch, fused)
+def force_iterations(monkeypatch, design):
+  """The host loop of separate calls, of fused calls (``HessianOperator.lanczos_step``), or device loops."""
+  monkeypatch.setattr(analysis.hessian, "_iteration_design", lambda operator: design)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_eigenpairs_match_single_device_and_dense(dense, design, monkeypatch):
+  force_iterations(monkeypatch, design)
   _, values = dense
   kwargs = dict(top_k=3, key=jax.random.key(0))
   single = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, **kwargs)
@@ -146,10 +149,10 @@ def test_trace_density_summary_match_single_device():
   assert summaries[1].num_hvps == summaries[0].num_hvps
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-def test_explicit_data_parallel_mesh(fused, monkeypatch):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_explicit_data_parallel_mesh(design, monkeypatch):
   """README integration 6's mesh: Explicit axes, replicated params, the batch split over 8 devices."""
-  force_iterations(monkeypatch, fused)
+  force_iterations(monkeypatch, design)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   params = jax.device_put(PARAMS, NamedSharding(mesh, P()))
   batches = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in BATCHES]
@@ -164,13 +167,13 @@ def test_explicit_data_parallel_mesh(fused, monkeypatch):
   np.testing.assert_allclose(trace[1].samples, trace[0].samples, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
-def test_wide_leaves_eigenvectors_keep_shardings(axis_type, fused, monkeypatch):
+def test_wide_leaves_eigenvectors_keep_shardings(axis_type, design, monkeypatch):
   """Leaves whose last axis is a multiple of 128 (eigenvectors formed in the interleaved layout), sharded
   along the leading axis, along the last axis (not interleaved) or replicated: eigenpairs equal the known
   ones of ``H = diag(d)`` and the single-device result, and every eigenvector keeps the params' shardings."""
-  force_iterations(monkeypatch, fused)
+  force_iterations(monkeypatch, design)
   mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
   rng = np.random.default_rng(11)
   shapes = {"rows": (8, 256), "columns": (4, 1024), "bias": (384,)}
@@ -202,3 +205,26 @@ def test_wide_leaves_eigenvectors_keep_shardings(axis_type, fused, monkeypatch):
     for vector in (got, want):
       np.testing.assert_allclose(vector * np.sign(vector @ exact), exact, atol=5e-5)
     np.testing.assert_allclose(got * np.sign(got @ want), want, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_device_loop_basis_is_sharded_like_the_params(mode):
+  """The device loops' Krylov basis (a leading iteration axis) keeps every leaf's sharding; its rows are
+  the single-device run's, and orthonormal (full) or semi-orthogonal (partial)."""
+  rows = {}
+  for name, params, batches in (("single", PARAMS, BATCHES), ("sharded", SHARDED_PARAMS, SHARDED_BATCHES)):
+    operator = analysis.hessian_operator(loss_fn, params, batches)
+    start = analysis.hessian._start_vector(operator, jax.random.key(4))
+    _, _, state, m, _, _ = analysis.hessian._lanczos_in_loop(
+        lambda s, stop, operator=operator: operator.lanczos_loop(s, stop, mode == "full"), start, 12, 3,
+        lambda ritz, residuals: np.inf, mode)
+    assert m == 12
+    if name == "sharded":
+      for got, want in zip(jax.tree.leaves(state.basis), jax.tree.leaves(SHARDINGS)):
+        assert got.sharding.is_equivalent_to(NamedSharding(MESH, P(None, *want.spec)), got.ndim), got.sharding
+    rows[name] = np.stack([np.concatenate([np.asarray(leaf[i], np.float64).ravel()
+                                           for leaf in jax.tree.leaves(jax.device_get(state.basis))])
+                           for i in range(m)])
+  np.testing.assert_allclose(rows["sharded"], rows["single"], atol=1e-4)
+  tolerance = 1e-5 if mode == "full" else np.sqrt(np.finfo(np.float32).eps)
+  np.testing.assert_allclose(rows["sharded"] @ rows["sharded"].T, np.eye(12), atol=tolerance)

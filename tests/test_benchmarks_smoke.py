@@ -16,7 +16,8 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                               "target: every n equals the big-batch SAM step (<= 1e-5): ",
                               "| m=8 |"]),
     ("hessian_benchmark.py", ["| HVP / gradient time |", "| method | HVPs |",
-                              "| fused / unfused time, median of per-round ratios (95 % CI) |"]),
+                              "| iterations on this backend for this model: ",
+                              "instead: HVPs, seconds, time / (HVPs x one HVP) |"]),
     ("lanczos_overheads.py", ["| one iteration (ends with [alpha, beta] on the host) |", "| device weight |",
                               "| last batch + three-term step |"]),
 ])

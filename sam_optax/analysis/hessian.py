@@ -19,7 +19,8 @@ Where the work lives. Everything of size ``num_params`` stays on the devices,
 laid out like the params: every Krylov vector, probe and eigenvector is a
 pytree with the params' shapes and shardings (sharded params, e.g. FSDP, stay
 sharded; nothing is flattened with ``ravel_pytree`` or gathered onto one
-device), and the Lanczos basis is a Python list of such pytrees.
+device), and the Lanczos basis is a Python list of such pytrees (in device
+loops, one such pytree with a leading iteration axis).
 
 * ``H v`` over several batches is ``sum_b (n_b / n) H_b v``: one jitted call
   per batch adds its term into an on-device accumulator (donated, so updated in
@@ -38,15 +39,12 @@ device), and the Lanczos basis is a Python list of such pytrees.
   repeated once more when a pass cancels more than ``1 - 1/sqrt(2)`` of the
   vector's norm (Daniel, Gragg, Kaufman & Stewart 1976: "twice is enough").
 * Only the tridiagonal coefficients ``alpha_j, beta_j`` (scalars) go to the
-  host, where the small ``T`` is diagonalised in float64 to test convergence.
-  On an accelerator an iteration of :func:`hessian_eigenvalues` /
-  :func:`hessian_extremes` is fused into the product's programs
-  (:attr:`HessianOperator.lanczos_step`): the first batch's call also
-  normalises the previous vector, the last batch's also does the three-term
-  step, ``[alpha_j, beta_j]`` comes back in one transfer and ``beta_j`` stays
-  on the devices for the next iteration. On XLA:CPU, where memory traffic
-  costs and not calls, the vector work keeps calls of its own (measured; see
-  :func:`_fused_step`).
+  host, where the small ``T`` is diagonalised in float64 to test convergence
+  (in device loops, once per chunk of iterations; see below). A third design,
+  fused host iterations (:attr:`HessianOperator.lanczos_step`: the first
+  batch's call also normalises the previous vector, the last batch's also
+  does the three-term step), measured 0.905x the separate calls on an H100
+  and slower on XLA:CPU; it is kept, tested, and timed by the benchmark.
 * The eigenvectors ``y_k = sum_j s_{j,k} q_j`` are formed in one read of the
   basis: each leaf's ``k`` combinations are interleaved in blocks of 128
   elements, so a block of every basis vector is read from memory once and
@@ -56,10 +54,19 @@ device), and the Lanczos basis is a Python list of such pytrees.
   written into the memory of the basis, which is dead by then, and the start
   vector is normalised in place: on XLA:CPU, fresh memory costs page faults
   that are as slow as the arithmetic.
-* A Python loop drives the iterations: XLA:CPU runs a convolution inside
-  ``lax.fori_loop``/``scan``/``cond`` several times slower than outside
-  (jax-ml/jax#12868), and the loop lets Lanczos stop as soon as the wanted
-  Ritz pairs have converged.
+* Who drives the iterations depends on the backend and the model, by
+  measurement (:func:`_iteration_design`). On an accelerator, and on
+  XLA:CPU for convolution-free models of at most 250k parameters, the
+  iterations of :func:`hessian_eigenvalues` / :func:`hessian_extremes` run
+  in device loops (``lax.while_loop``: product, three-term step, Simon's
+  estimate and reorthogonalisation against a preallocated basis, all on the
+  devices), and the host reads ``alpha, beta`` once per chunk of
+  iterations to test every prefix for convergence (the same results and
+  HVP counts as a test after every iteration; the chunk lengths follow the
+  residuals' decrease). Elsewhere a Python loop drives separately jitted
+  calls: XLA:CPU runs a convolution inside ``lax.while_loop``/``scan``/
+  ``cond`` several times slower than outside (jax-ml/jax#12868), and the
+  vector work of a large model too.
 * Hutchinson (trace) and stochastic Lanczos quadrature (density) evaluate a
   block of probes per call. Hutchinson's ``v^T H v`` is a second directional
   derivative, forward-over-forward (two nested ``jax.jvp``, no backward pass,
@@ -78,6 +85,7 @@ from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Optional, Sequ
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 LossFn = Callable[[Any, Any], jax.Array]
@@ -464,6 +472,21 @@ def _residual_bytes(loss_fn, treedef, leaves) -> int:
   return known[treedef, leaves]
 
 
+_CONVOLUTIONS = weakref.WeakKeyDictionary()  # loss_fn -> {(treedef, leaves): bool}; dies with the loss
+
+
+def _uses_convolution(loss_fn, params, batch) -> bool:
+  """Whether ``H_batch v`` contains a convolution (its jaxpr, nested ones included), once per loss and shapes."""
+  try:
+    known = _CONVOLUTIONS.setdefault(loss_fn, {})
+  except TypeError:  # not weakly referenceable: no cache
+    known = {}
+  key = _abstract((params, batch))
+  if key not in known:
+    known[key] = "conv_general_dilated" in str(jax.make_jaxpr(lambda p, b: hvp(loss_fn, p, b, p))(params, batch))
+  return known[key]
+
+
 class HessianOperator(NamedTuple):
   """``H`` of the batch-size-weighted mean loss, as products with pytrees on the devices.
 
@@ -484,6 +507,11 @@ class HessianOperator(NamedTuple):
       ``w = H q - alpha q - beta_prev q_prev``, ``alpha = <q, H q>``. One
       dispatch per batch and iteration instead of three extra calls and a
       pass of their own; ``None`` when not jitted.
+    lanczos_loop: ``(state, stop, full) -> state``, Lanczos iterations up to
+      ``stop`` in one device loop (:func:`_lanczos_loop_impl`); ``None``
+      when not jitted. Does not count products (its caller does).
+    uses_convolution: ``() -> bool``, whether a batch's product contains a
+      convolution (traced once per loss and shapes).
   """
 
   matvec: Callable[[Any], Any]
@@ -494,6 +522,8 @@ class HessianOperator(NamedTuple):
   linearized: bool
   counter: list
   lanczos_step: Optional[Callable] = None
+  lanczos_loop: Optional[Callable] = None
+  uses_convolution: Callable[[], bool] = lambda: False
 
 
 def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = True,
@@ -576,8 +606,13 @@ def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = 
         accumulator = _hvp_into(loss_fn, False, accumulator, weight, params, item, q)
     return _relayout(q, layouts[False]), _relayout(w, layouts[False]), coefficients, norm
 
+  def lanczos_loop(state, stop, full):
+    fn, data = (None, tuple(linears)) if linears is not None else (loss_fn, tuple(batches))
+    return _lanczos_loop(fn, full, state, tuple(weights), params, data, stop)
+
   return HessianOperator(lambda v: apply(v, False), lambda v: apply(v, True), quadratic_forms, params,
-                         num_params, bool(linearize), counter, lanczos_step if jit else None)
+                         num_params, bool(linearize), counter, lanczos_step if jit else None,
+                         lanczos_loop if jit else None, lambda: _uses_convolution(loss_fn, params, batches[0]))
 
 
 # --------------------------------------------------------------------------
@@ -845,6 +880,215 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   return alphas[:iterations], betas[:iterations], basis, lengths, reorthogonalised
 
 
+# --------------------------------------------------------------------------
+# Lanczos iterations in a device loop.
+
+
+class _LoopState(NamedTuple):
+  """The state of :func:`_lanczos_loop_impl` between chunks: everything on the devices.
+
+  ``basis`` leaves are ``(capacity, *leaf.shape)``: ``q_0 .. q_{j-1}`` in the
+  first ``j`` rows. ``omega``/``omega_prev`` hold Simon's estimates
+  ``omega_{j, 0..j}`` and ``omega_{j-1, 0..j-1}`` (see
+  :class:`_OrthogonalityEstimate`), padded with zeros to ``capacity + 1``.
+  """
+
+  basis: Any
+  q: Any  # q_j, the next vector to multiply (unit norm)
+  q_prev: Any
+  beta_prev: jax.Array
+  alphas: jax.Array  # (capacity,)
+  betas: jax.Array  # (capacity,)
+  omega: jax.Array  # (capacity + 1,)
+  omega_prev: jax.Array  # (capacity + 1,)
+  selected: jax.Array  # (capacity,) bool: the vectors of the last reorthogonalisation
+  again: jax.Array  # PRO orthogonalises two consecutive vectors
+  max_alpha: jax.Array
+  max_beta: jax.Array
+  j: jax.Array  # iterations done
+  done: jax.Array  # the Krylov space is invariant (beta ~ 0)
+  reorthogonalised: jax.Array
+
+
+def _stacked_dots(basis: Any, w: Any) -> jax.Array:
+  """``[<basis[k], w>]_k`` over the leading axis of every leaf of ``basis``."""
+  dtype = _accumulation_dtype()
+  total = 0.0
+  for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)):
+    total = total + jnp.sum(b.astype(dtype) * x.astype(dtype)[None], axis=tuple(range(1, b.ndim)))
+  return total
+
+
+def _stacked_project_out(w: Any, basis: Any, mask: jax.Array):
+  """One classical Gram-Schmidt pass of ``w`` against the rows ``k`` of ``basis`` with ``mask[k]``."""
+  coefficients = jnp.where(mask, _stacked_dots(basis, w), 0.0)
+  w = jax.tree.map(lambda x, b: x - jnp.tensordot(coefficients.astype(b.dtype), b, axes=1), w, basis)
+  return w, jnp.sqrt(_dot(w, w))
+
+
+def _loop_product(loss_fn, weights, params, data, q):
+  """``H q = sum_b weight_b H_b q`` inside one program (``loss_fn`` None: ``data`` are linearised gradients)."""
+  accumulator = None
+  for weight, item in zip(weights, data):
+    product = item(_tangent(params, q)) if loss_fn is None else hvp(loss_fn, params, item, q)
+    accumulator = _accumulate(accumulator, weight, product)
+  return accumulator
+
+
+def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
+  """Lanczos iterations ``state.j .. stop - 1`` in one ``lax.while_loop``: products, three-term step,
+  Simon's estimate and the reorthogonalisations all on the devices (the recurrences of :func:`_lanczos_run`).
+
+  Stops early when the Krylov space is invariant. ``full``: orthogonalise
+  every vector against the whole basis; else partial (PRO), decided on the
+  devices from the same recurrence as :class:`_OrthogonalityEstimate`.
+  """
+  dtype = _accumulation_dtype()
+  eps = _unit_roundoff()
+  capacity = state.alphas.shape[0]
+  rows = jnp.arange(capacity)
+  index = jnp.arange(capacity + 1)
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((1,), x.dtype)])
+
+  def body(s: _LoopState) -> _LoopState:
+    j = s.j
+    basis = jax.tree.map(lambda b, x: lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), j, 0), s.basis, s.q)
+    w, alpha, norm = _local_step_impl(_loop_product(loss_fn, weights, params, data, s.q), s.q, s.q_prev,
+                                      s.beta_prev, False)
+    alphas = s.alphas.at[j].set(alpha)
+    max_alpha = jnp.maximum(s.max_alpha, jnp.abs(alpha))
+    norm_t = max_alpha + 2 * s.max_beta  # Gershgorin's bound on ||T||
+    valid = rows <= j
+    if full:
+      mask, selected, again, omega, omega_prev = valid, s.selected, s.again, s.omega, s.omega_prev
+    else:  # omega_{j+1, k} from omega_{j, .} and omega_{j-1, .} (Simon's recurrence, vectorised over k)
+      safe = jnp.maximum(norm, jnp.finfo(dtype).tiny)
+      betas = pad(s.betas)
+      shifted_down = lambda x: jnp.concatenate([jnp.zeros((1,), x.dtype), x[:-1]])  # x[k - 1]
+      value = (betas * jnp.concatenate([s.omega[1:], jnp.zeros((1,), dtype)]) + (pad(alphas) - alpha) * s.omega
+               + shifted_down(betas) * shifted_down(s.omega) - s.beta_prev * s.omega_prev) / safe
+      bump = eps * norm_t / safe
+      new = jnp.where(index < j, value + jnp.where(value >= 0, 1.0, -1.0) * bump, jnp.where(index == j, bump, 0.0))
+      trigger = s.again | ((j >= 1) & (jnp.max(jnp.abs(new)) > math.sqrt(eps)))
+      above = valid & (jnp.abs(new[:capacity]) > eps ** 0.75)
+      mask = trigger & ((s.again & s.selected) | above)
+      selected = jnp.where(trigger, mask, s.selected)
+      again = jnp.where(trigger, ~s.again, s.again)
+      omega_prev, omega = s.omega, jnp.where(index == j + 1, 1.0, new)
+    orthogonalise = jnp.any(mask)
+
+    def reorthogonalise(pair):
+      w, norm_local = pair
+      pair = _stacked_project_out(w, basis, mask)
+      return lax.cond(pair[1] < _REORTH_AGAIN * norm_local, lambda p: _stacked_project_out(p[0], basis, mask),
+                      lambda p: p, pair)  # DGKS: cancellation, so once more
+    w, norm = lax.cond(orthogonalise, reorthogonalise, lambda pair: pair, (w, norm))
+    if not full:
+      omega = jnp.where(pad(mask), eps, omega)  # orthogonal to working precision now
+    done = norm <= 1e-10 * jnp.maximum(1.0, norm_t)
+    q = _scale_impl(w, 1.0 / jnp.where(done, 1.0, norm), False)
+    return _LoopState(basis, q, s.q, norm, alphas, s.betas.at[j].set(norm), omega, omega_prev, selected, again,
+                      max_alpha, jnp.maximum(s.max_beta, norm), j + 1, done,
+                      s.reorthogonalised + orthogonalise.astype(jnp.int32))
+
+  return lax.while_loop(lambda s: (s.j < stop) & ~s.done, body, state)
+
+
+def _loop_state(q: Any, capacity: int) -> _LoopState:
+  """The state before the first iteration, ``q`` the unit start vector; the basis has room for ``capacity``,
+  laid out like ``q`` (an extra leading axis, unsharded)."""
+  dtype = _accumulation_dtype()
+  zeros = lambda *shape, kind=dtype: jnp.zeros(shape, kind)
+  leaves, treedef = jax.tree.flatten(q)
+  basis = treedef.unflatten([jnp.zeros((capacity,) + x.shape, dtype, device=_stacked_sharding(x.sharding))
+                             for x in leaves])
+  return _LoopState(basis, q, jax.tree.map(jnp.zeros_like, q), zeros(), zeros(capacity), zeros(capacity), zeros(capacity + 1).at[0].set(1.0),
+                    zeros(capacity + 1), zeros(capacity, kind=bool), zeros(kind=bool), zeros(), zeros(),
+                    zeros(kind=jnp.int32), zeros(kind=bool), zeros(kind=jnp.int32))
+
+
+def _grow_impl(state, extra):
+  """``state`` with room for ``extra`` more iterations."""
+  grow = lambda x: jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
+  return state._replace(basis=jax.tree.map(grow, state.basis), alphas=grow(state.alphas), betas=grow(state.betas),
+                        omega=grow(state.omega), omega_prev=grow(state.omega_prev), selected=grow(state.selected))
+
+
+def _stacked_combine_impl(basis, coefficients):
+  """``[sum_j coefficients[j, k] basis[j]]_k`` as leaves ``(k, *shape)``: one read of the basis."""
+  return jax.tree.map(lambda b: jnp.tensordot(coefficients.T.astype(b.dtype), b, axes=1), basis)
+
+
+_lanczos_loop = jax.jit(_lanczos_loop_impl, static_argnums=(0, 1), donate_argnums=2)
+_grow = jax.jit(_grow_impl, static_argnums=1)
+_stacked_combine = jax.jit(_stacked_combine_impl)
+_LOOP_CAPACITY = 32  # basis rows allocated at first; doubled (up to max_iters) when the run needs more
+
+
+def _lanczos_in_loop(loop, start, max_iters: int, min_iters: int, worst: Callable, reorthogonalize: str):
+  """Lanczos with the iterations in device loops (:func:`_lanczos_loop_impl`), the convergence test on the host.
+
+  ``loop(state, stop)`` runs iterations up to ``stop``. ``worst(ritz_values,
+  residuals)`` is the worst residual relative to its tolerance (<= 1:
+  converged). The host reads ``alpha, beta`` once per chunk of iterations and
+  tests every prefix of the chunk, so the result is the one of a test after
+  every iteration (:func:`_lanczos_run`). The next chunk runs half of the
+  iterations that the residuals' geometric decrease predicts are left, and
+  at most a quarter of those done so far (Lanczos' residuals fall faster
+  and faster, so the prediction is pessimistic): a chunk that runs past the
+  first converged iteration wastes less than a quarter of the products
+  (done and counted; their vectors are dropped).
+
+  Returns ``(alphas, betas, state, m, reorthogonalised, performed)``: the
+  first ``m`` of the ``performed`` iterations are the result, ``state.basis``
+  rows ``0..m-1`` their vectors.
+  """
+  _check_reorthogonalize(reorthogonalize)
+  max_iters = max(1, max_iters)
+  q, _ = _normalize_in_place(start, False)
+  capacity = min(max_iters, _LOOP_CAPACITY)
+  state = _loop_state(q, capacity)
+  layout = _leaf_shardings(q, stacked=True)
+  stop, checked, history = min(max(min_iters, 1), max_iters), 0, []
+  while True:
+    if stop > capacity:
+      extra = min(max_iters, max(2 * capacity, stop)) - capacity
+      state, capacity = _grow(state, extra), capacity + extra
+    state = loop(state, stop)
+    state = state._replace(basis=_relayout(state.basis, layout))
+    alphas, betas, j, done = jax.device_get((state.alphas, state.betas, state.j, state.done))
+    alphas, betas, j = np.asarray(alphas, np.float64), np.asarray(betas, np.float64), int(j)
+    for i in range(checked + 1, j + 1):  # i iterations: the test of _lanczos_run after iteration i
+      if i < min_iters or (bool(done) and i == j) or i == max_iters:
+        continue
+      values, vectors = _tridiagonal_eigh(alphas[:i], betas[:i - 1])
+      value = float(worst(values, np.abs(betas[i - 1] * vectors[-1, :])))
+      if value <= 1.0:
+        return alphas[:i], betas[:i], state, i, int(state.reorthogonalised), j
+      history.append((i, math.log(max(value, 1e-300))))
+    checked = j
+    if bool(done) or j >= max_iters:
+      return alphas[:j], betas[:j], state, j, int(state.reorthogonalised), j
+    size = 1
+    if len(history) >= 2:  # log(worst) falls about linearly in i, and faster as Ritz values converge
+      (i0, v0), (i1, v1) = history[max(0, len(history) - 4)], history[-1]
+      rate = (v1 - v0) / (i1 - i0)
+      if rate < 0:  # half the predicted iterations, and at most a quarter of those done
+        size = max(1, min(int(0.5 * v1 / -rate), j // 4))
+    stop = min(max_iters, j + size)
+
+
+def _ritz_vectors_stacked(basis: Any, count: int, coefficients: np.ndarray, like: Any) -> list:
+  """:func:`_ritz_vectors` for a stacked basis (rows ``0..count-1``), each ``y_k`` laid out like ``like``."""
+  capacity = jax.tree.leaves(basis)[0].shape[0]
+  padded = np.zeros((capacity, coefficients.shape[1]), coefficients.dtype)
+  padded[:count] = coefficients
+  stacked = _stacked_combine(basis, jnp.asarray(padded, _accumulation_dtype()))
+  interleave = (False,) * len(jax.tree.leaves(like))
+  layout = _leaf_shardings(like, stacked=False)
+  return [_relayout(vector, layout) for vector in _split(stacked, like, (), interleave)]
+
+
 def _combine_bounds(count: int) -> list:
   """Groups of 32 basis vectors, then of 8, the last one padded up to 8 (e.g. 22 = 8 + 8 + 6|2).
 
@@ -1009,13 +1253,69 @@ def _fused_step(operator: HessianOperator) -> Optional[Callable]:
   return operator.lanczos_step
 
 
+_LOOP_MAX_PARAMS_ON_CPU = 250_000  # XLA:CPU: device loops up to this size (see _iteration_design)
+
+
+def _iteration_design(operator: HessianOperator) -> str:
+  """How :func:`hessian_eigenvalues` and :func:`hessian_extremes` drive Lanczos: ``"loop"`` (device loops,
+  :func:`_lanczos_in_loop`), ``"fused"`` (a host loop of :attr:`HessianOperator.lanczos_step`) or ``"host"``
+  (a host loop of separate calls).
+
+  Device loops remove the host round trip, the dispatches and (on XLA:CPU)
+  the thread pool's wake-ups of every iteration, which is what costs when
+  products are small. Measured on XLA:CPU (2 cores, top_k=5, MLPs on 2
+  batches of 128 Fashion-MNIST images, 8 paired rounds), loop / host-loop
+  time: 0.61x at 25k parameters, 0.78x at 102k, 0.90x at 218k, and 1.23x
+  at 1.07M (5 rounds): inside a
+  ``lax.while_loop`` XLA:CPU runs the iteration's vector work several times
+  slower than as calls of its own, and any convolution ~5x slower
+  (jax-ml/jax#12868). So on CPU: loops for convolution-free losses of at
+  most :data:`_LOOP_MAX_PARAMS_ON_CPU` parameters. On an accelerator:
+  loops, because the H100 profile put the cost beyond the products in the
+  per-iteration round trips (``hessian_benchmark.py --sections 4`` times
+  the loop against the fused host loop, in the same rounds).
+  """
+  if operator.lanczos_loop is None:
+    return "host"
+  if _fused_step(operator) is not None:  # an accelerator
+    return "loop"
+  if operator.num_params <= _LOOP_MAX_PARAMS_ON_CPU and not operator.uses_convolution():
+    return "loop"
+  return "host"
+
+
+def _operator_lanczos(operator: HessianOperator, key: jax.Array, max_iters: int, min_iters: int, worst: Callable,
+                      reorthogonalize: str):
+  """Lanczos on ``operator`` from a Gaussian start, driven as :func:`_iteration_design` says.
+
+  ``worst(ritz_values, residuals)``: the worst residual relative to its
+  tolerance (<= 1: converged). Returns ``(ritz_values, ritz_vectors,
+  residuals, eigenvectors)``; ``eigenvectors(coefficients)`` forms
+  ``y_k = sum_j coefficients[j, k] q_j``, unit-normalised and laid out like
+  the params (the basis is dead afterwards).
+  """
+  reorthogonalize = _reorthogonalization_for(operator.params, reorthogonalize)
+  start = _start_vector(operator, key)
+  design = _iteration_design(operator)
+  if design == "loop":
+    max_iters = max(1, min(max_iters, operator.num_params))
+    full = reorthogonalize == "full"
+    alphas, betas, state, m, _, performed = _lanczos_in_loop(
+        lambda state, stop: operator.lanczos_loop(state, stop, full), start, max_iters, min_iters, worst,
+        reorthogonalize)
+    operator.counter[0] += performed
+    values, vectors = _tridiagonal_eigh(alphas, betas)
+    residuals = np.abs(betas[m - 1] * vectors[-1, :])
+    return values, vectors, residuals, lambda c: _ritz_vectors_stacked(state.basis, m, c, operator.params)
+  converged = lambda values, residuals: worst(values, residuals) <= 1.0
+  result = _lanczos(operator.matvec, start, max_iters, converged, min_iters, True, reorthogonalize,
+                    own_start=True, step=operator.lanczos_step if design == "fused" else None)
+  return (result.ritz_values, result.ritz_vectors, result.residuals,
+          lambda c: _ritz_vectors(_JITTED, result.basis, c, operator.params, consume=True))
+
+
 def _start_vector(operator: HessianOperator, key: jax.Array) -> Any:
   return _random_like(operator.params, key, "normal")
-
-
-def _lanczos_ops(jit: bool) -> _Ops:
-  del jit  # ``jit=False`` is for debugging the loss: only its HVP runs eagerly
-  return _JITTED
 
 
 def hessian_eigenvalues(
@@ -1079,19 +1379,16 @@ def hessian_eigenvalues(
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   top_k = min(top_k, operator.num_params)
 
-  def converged(values, residuals):
+  def worst(values, residuals):
     order = np.argsort(-np.abs(values))[:top_k]
     if len(order) < top_k:
-      return False
-    return bool(np.all(residuals[order] <= tol * np.maximum(np.abs(values[order]), 1e-30)))
+      return np.inf
+    return float(np.max(residuals[order] / (tol * np.maximum(np.abs(values[order]), 1e-30))))
 
-  result = _lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged, top_k + 1, True,
-                    _reorthogonalization_for(operator.params, reorthogonalize), own_start=True,
-                    step=_fused_step(operator))
-  order = np.argsort(-np.abs(result.ritz_values))[:top_k]
-  ops = _lanczos_ops(jit)
-  vectors = _ritz_vectors(ops, result.basis, result.ritz_vectors[:, order], operator.params, consume=True)
-  return EigenResult(result.ritz_values[order], vectors, operator.counter[0], result.residuals[order])
+  values, vectors, residuals, eigenvectors = _operator_lanczos(operator, key, max_iters, top_k + 1, worst,
+                                                               reorthogonalize)
+  order = np.argsort(-np.abs(values))[:top_k]
+  return EigenResult(values[order], eigenvectors(vectors[:, order]), operator.counter[0], residuals[order])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1148,14 +1445,11 @@ def hessian_extremes(
   """
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
-  def converged(values, residuals):
-    scale = max(abs(values[0]), abs(values[-1]), 1e-30)
-    return bool(residuals[0] <= tol * scale and residuals[-1] <= tol * scale)
+  def worst(values, residuals):
+    return max(residuals[0], residuals[-1]) / (tol * max(abs(values[0]), abs(values[-1]), 1e-30))
 
-  result = _lanczos(operator.matvec, _start_vector(operator, key), max_iters, converged, 3, True,
-                    _reorthogonalization_for(operator.params, "partial"), own_start=True,
-                    step=_fused_step(operator))
-  return Extremes(float(result.ritz_values[-1]), float(result.ritz_values[0]), operator.counter[0])
+  values, _, _, _ = _operator_lanczos(operator, key, max_iters, 3, worst, "partial")
+  return Extremes(float(values[-1]), float(values[0]), operator.counter[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1313,14 +1607,13 @@ def spectral_density(
   """
   block_size = _check_block_size(block_size)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
-  ops = _lanczos_ops(jit)
   iterations = max(1, min(num_iters, operator.num_params))
   keys = jax.random.split(key, num_runs)
   all_nodes, all_weights = [], []
   for start in range(0, num_runs, block_size):
     block_keys = keys[start: start + block_size]
     probes = _random_like(operator.params, block_keys, "rademacher")
-    alphas, betas, _, lengths, _ = _lanczos_run(ops, operator.matvec_block, probes, iterations, True,
+    alphas, betas, _, lengths, _ = _lanczos_run(_JITTED, operator.matvec_block, probes, iterations, True,
                                                 reorthogonalize=_reorthogonalization_for(operator.params, "partial"),
                                                 own_start=True)
     for r in range(len(block_keys)):
