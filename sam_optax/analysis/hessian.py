@@ -910,18 +910,10 @@ class _LoopState(NamedTuple):
   reorthogonalised: jax.Array
 
 
-def _stacked_dots(basis: Any, w: Any) -> jax.Array:
-  """``[<basis[k], w>]_k`` over the leading axis of every leaf of ``basis``."""
-  dtype = _accumulation_dtype()
-  total = 0.0
-  for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w)):
-    total = total + jnp.sum(b.astype(dtype) * x.astype(dtype)[None], axis=tuple(range(1, b.ndim)))
-  return total
-
-
 def _stacked_project_out(w: Any, basis: Any, mask: jax.Array):
   """One classical Gram-Schmidt pass of ``w`` against the rows ``k`` of ``basis`` with ``mask[k]``."""
-  coefficients = jnp.where(mask, _stacked_dots(basis, w), 0.0)
+  dots = _dot(basis, jax.tree.map(lambda x: x[None], w), block=True)  # [<basis[k], w>]_k
+  coefficients = jnp.where(mask, dots, 0.0)
   w = jax.tree.map(lambda x, b: x - jnp.tensordot(coefficients.astype(b.dtype), b, axes=1), w, basis)
   return w, jnp.sqrt(_dot(w, w))
 
@@ -1002,9 +994,10 @@ def _loop_state(q: Any, capacity: int) -> _LoopState:
   leaves, treedef = jax.tree.flatten(q)
   basis = treedef.unflatten([jnp.zeros((capacity,) + x.shape, dtype, device=_stacked_sharding(x.sharding))
                              for x in leaves])
-  return _LoopState(basis, q, jax.tree.map(jnp.zeros_like, q), zeros(), zeros(capacity), zeros(capacity), zeros(capacity + 1).at[0].set(1.0),
-                    zeros(capacity + 1), zeros(capacity, kind=bool), zeros(kind=bool), zeros(), zeros(),
-                    zeros(kind=jnp.int32), zeros(kind=bool), zeros(kind=jnp.int32))
+  return _LoopState(basis, q, jax.tree.map(jnp.zeros_like, q), zeros(), zeros(capacity), zeros(capacity),
+                    zeros(capacity + 1).at[0].set(1.0), zeros(capacity + 1), zeros(capacity, kind=bool),
+                    zeros(kind=bool), zeros(), zeros(), zeros(kind=jnp.int32), zeros(kind=bool),
+                    zeros(kind=jnp.int32))
 
 
 def _grow_impl(state, extra):
@@ -1235,22 +1228,11 @@ class EigenResult(_UnpacksAs):
   residuals: np.ndarray
 
 
-def _fused_step(operator: HessianOperator) -> Optional[Callable]:
-  """``operator.lanczos_step`` where fusing measures faster: params on an accelerator, not on XLA:CPU.
-
-  Measured on an 11.6M-parameter MLP: on an H100 the fused iteration took
-  0.905x the time of separate calls (what costs there is each call and
-  transfer); on XLA:CPU, whose cost is memory traffic, XLA's own count of
-  bytes accessed rose from 0.80 to 0.98 GB for the last batch's program
-  once the three-term step was fused into it, and the whole call got slower
-  (1.03x and 1.09x in two runs), so on CPU the vector work stays in calls of
-  its own.
-  """
-  leaves = jax.tree.leaves(operator.params)
+def _on_cpu(params: Any) -> bool:
+  """Whether the params live on XLA:CPU devices."""
+  leaves = jax.tree.leaves(params)
   devices = leaves[0].devices() if leaves and hasattr(leaves[0], "devices") else set()
-  if any(device.platform == "cpu" for device in devices):
-    return None
-  return operator.lanczos_step
+  return any(device.platform == "cpu" for device in devices)
 
 
 _LOOP_MAX_PARAMS_ON_CPU = 250_000  # XLA:CPU: device loops up to this size (see _iteration_design)
@@ -1274,10 +1256,17 @@ def _iteration_design(operator: HessianOperator) -> str:
   loops, because the H100 profile put the cost beyond the products in the
   per-iteration round trips (``hessian_benchmark.py --sections 4`` times
   the loop against the fused host loop, in the same rounds).
+
+  ``"fused"`` is nobody's default: on an H100 it took 0.905x the time of
+  separate calls (11.6M-parameter MLP), but device loops remove the round
+  trips altogether; on XLA:CPU, whose cost is memory traffic, XLA's count of
+  bytes accessed rose from 0.80 to 0.98 GB for the last batch's program once
+  the three-term step was fused into it, and the call got slower (1.03x and
+  1.09x in two runs).
   """
   if operator.lanczos_loop is None:
     return "host"
-  if _fused_step(operator) is not None:  # an accelerator
+  if not _on_cpu(operator.params):
     return "loop"
   if operator.num_params <= _LOOP_MAX_PARAMS_ON_CPU and not operator.uses_convolution():
     return "loop"
