@@ -478,3 +478,12 @@ def test_iteration_design_on_cpu():
   assert design(analysis.hessian_operator(dense_loss, small, [jnp.ones((3, 16))])) == "loop"
   assert design(analysis.hessian_operator(dense_loss, large, [jnp.ones((3, 1000))])) == "host"
   assert design(analysis.hessian_operator(dense_loss, small, [jnp.ones((3, 16))], jit=False)) == "host"
+
+def test_device_loops_only_where_their_basis_fits():
+  """Accelerators: device loops unless 64 basis vectors (32 rows, doubled once) exceed half the free memory;
+  params on XLA:CPU (no memory statistics) always fit."""
+  fits = analysis.hessian._basis_fits
+  assert fits(vector_bytes=100, bytes_limit=64 * 100 * 2 + 1000, bytes_in_use=1000)
+  assert not fits(vector_bytes=100, bytes_limit=64 * 100 * 2 + 1000, bytes_in_use=1001)
+  assert not fits(vector_bytes=4 * 10 ** 9, bytes_limit=80 * 10 ** 9, bytes_in_use=0)  # a 1B model on 80 GB
+  assert analysis.hessian._loop_fits(PARAMS)

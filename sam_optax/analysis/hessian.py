@@ -1235,6 +1235,32 @@ def _on_cpu(params: Any) -> bool:
   return any(device.platform == "cpu" for device in devices)
 
 
+def _loop_fits(params: Any) -> bool:
+  """Whether device loops' basis fits: ``2 *`` :data:`_LOOP_CAPACITY` vectors (its first growth) in the
+  accumulation dtype, per device, within half of each device's free memory.
+
+  The host loop keeps only the vectors it uses (a list), so for a model
+  whose basis nearly fills the accelerator it needs less. Devices that
+  report no memory statistics (XLA:CPU) fit.
+  """
+  itemsize = np.dtype(_accumulation_dtype()).itemsize
+  per_device = {}
+  for leaf in jax.tree.leaves(params):
+    for shard in getattr(leaf, "addressable_shards", ()):
+      per_device[shard.device] = per_device.get(shard.device, 0) + int(np.prod(shard.data.shape)) * itemsize
+  for device, vector_bytes in per_device.items():
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats and not _basis_fits(vector_bytes, stats["bytes_limit"],
+                                                  stats.get("bytes_in_use", 0)):
+      return False
+  return True
+
+
+def _basis_fits(vector_bytes: int, bytes_limit: int, bytes_in_use: int) -> bool:
+  """``2 * _LOOP_CAPACITY`` vectors of ``vector_bytes`` within half of the free ``bytes_limit - bytes_in_use``."""
+  return 2 * _LOOP_CAPACITY * vector_bytes <= 0.5 * (bytes_limit - bytes_in_use)
+
+
 _LOOP_MAX_PARAMS_ON_CPU = 250_000  # XLA:CPU: device loops up to this size (see _iteration_design)
 
 
@@ -1255,7 +1281,9 @@ def _iteration_design(operator: HessianOperator) -> str:
   most :data:`_LOOP_MAX_PARAMS_ON_CPU` parameters. On an accelerator:
   loops, because the H100 profile put the cost beyond the products in the
   per-iteration round trips (``hessian_benchmark.py --sections 4`` times
-  the loop against the fused host loop, in the same rounds).
+  the loop against the fused host loop, in the same rounds), unless the
+  preallocated basis would crowd the device's memory (:func:`_loop_fits`):
+  then the fused host loop.
 
   ``"fused"`` is nobody's default: on an H100 it took 0.905x the time of
   separate calls (11.6M-parameter MLP), but device loops remove the round
@@ -1267,7 +1295,7 @@ def _iteration_design(operator: HessianOperator) -> str:
   if operator.lanczos_loop is None:
     return "host"
   if not _on_cpu(operator.params):
-    return "loop"
+    return "loop" if _loop_fits(operator.params) else "fused"
   if operator.num_params <= _LOOP_MAX_PARAMS_ON_CPU and not operator.uses_convolution():
     return "loop"
   return "host"
