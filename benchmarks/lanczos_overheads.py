@@ -3,17 +3,19 @@
 On the 11.6M-parameter MLP of ``hessian_benchmark.py`` section 4 (2 batches),
 in one run, round-robin with paired per-round ratios:
 
-1. One iteration three ways: the product alone (``operator.matvec``, what
+1. One iteration four ways: the product alone (``operator.matvec``, what
    "HVPs x one HVP" divides by); the fused iteration
    (``HessianOperator.lanczos_step``: scaling and three-term step inside the
-   product's programs, the accelerators' default); and the unfused one
-   (scaling, product, three-term step as separate calls; XLA:CPU's default),
-   each ending with the host read of ``[alpha, beta]`` that Lanczos needs.
+   product's programs); the unfused one (scaling, product, three-term step
+   as separate calls); and the unnormalised one (XLA:CPU's host loop: the
+   product of ``w`` itself, its scale ``1 / beta`` applied inside the
+   three-term step, no scaling pass), each ending with the host read of
+   ``[alpha, beta]`` that Lanczos needs.
 2. The pieces that are not arithmetic: one batch's product dispatched with a
    Python-float weight vs a device-resident one (time until the call returns,
    and until the result is ready); reading two fresh device scalars to the
    host vs one stacked pair vs only waiting for them.
-3. XLA's ``cost_analysis()`` bytes accessed of the fused and unfused programs.
+3. XLA's ``cost_analysis()`` bytes accessed of the fused, unfused and unnormalised programs.
 
 It prints figures, asserts none. On a GPU the first two sections show the
 host round trips that dominate small products; on XLA:CPU the third shows
@@ -89,6 +91,11 @@ def main(argv=None) -> int:
     w, alpha, norm = hessian._local_step(operator.matvec(q), q, q_prev, np.float32(0.5), False)
     return jax.device_get((alpha, norm))
 
+  def unnormalised():  # the product of w itself; the scale 1 / beta enters the three-term step
+    w = inputs["w"]
+    w, alpha, norm = hessian._local_step(operator.matvec(w), w, q_prev, np.float32(0.5), False, np.float32(1 / 3.0))
+    return jax.device_get((alpha, norm))
+
   def timed(fn):
     def run():
       prepare()
@@ -97,18 +104,19 @@ def main(argv=None) -> int:
       return time.perf_counter() - start
     return run
 
-  runners = {"product": timed(product), "fused": timed(fused), "unfused": timed(unfused)}
+  runners = {"product": timed(product), "fused": timed(fused), "unfused": timed(unfused),
+             "unnormalised": timed(unnormalised)}
   for run in runners.values():  # compile
     run()
   samples = {name: [] for name in runners}
   for round_index in range(args.rounds):  # round-robin, rotating the order
-    names = list(runners)[round_index % 3:] + list(runners)[:round_index % 3]
+    names = list(runners)[round_index % len(runners):] + list(runners)[:round_index % len(runners)]
     for name in names:
       samples[name].append(runners[name]())
   samples = {name: np.asarray(values) for name, values in samples.items()}
   print("| one iteration (ends with [alpha, beta] on the host) | ms, median | × product (95 % CI) |")
   print("|---|---:|---:|")
-  for name in ("product", "fused", "unfused"):
+  for name in runners:
     ratio = paired_ratio(samples[name], samples["product"])
     print(f"| {name} | {1e3 * np.median(samples[name]):.2f} | {ratio[0]:.3f} ({ratio[1]:.3f}–{ratio[2]:.3f}) |")
 
@@ -152,9 +160,12 @@ def main(argv=None) -> int:
   first_only = bytes_accessed(hessian._linear_hvp_into, False, None, weight, linear, params, q_prev)
   local_step = bytes_accessed(hessian._local_step, acc, q_prev, q_prev, np.float32(0.5), False)
   scale = bytes_accessed(hessian._scale, acc, np.float32(0.5), False)
-  print("\n| XLA cost_analysis bytes accessed (GB) | fused | unfused (separate programs) |\n|---|---:|---:|")
-  print(f"| first batch + scaling | {fused_first:.3f} | {first_only + scale:.3f} |")
-  print(f"| last batch + three-term step | {fused_last:.3f} | {product_only + local_step:.3f} |")
+  scaled_step = bytes_accessed(hessian._local_step, acc, q_prev, q_prev, np.float32(0.5), False, np.float32(0.5))
+  print("\n| XLA cost_analysis bytes accessed (GB) | fused | unfused (separate programs) | unnormalised |")
+  print("|---|---:|---:|---:|")
+  print(f"| first batch + scaling | {fused_first:.3f} | {first_only + scale:.3f} | {first_only:.3f} |")
+  print(f"| last batch + three-term step | {fused_last:.3f} | {product_only + local_step:.3f} | "
+        f"{product_only + scaled_step:.3f} |")
   return 0
 
 

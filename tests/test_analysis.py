@@ -147,6 +147,22 @@ def test_bf16_params_accumulate_in_float32():
   np.testing.assert_allclose(top.eigenvalues, reference.eigenvalues, rtol=5e-2)
 
 
+def test_float16_params_keep_unit_lanczos_vectors():
+  """The host loop keeps unnormalised vectors (``||w|| H q`` products) only where the params have float32's
+  range: in float16 (max 65504) a product of an unnormalised Gaussian start would overflow here."""
+  wide = analysis.hessian._wide_range
+  assert wide(PARAMS) and wide(jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS))
+  assert wide({"steps": jnp.zeros(3, jnp.int32), "w": jnp.ones(2)})
+  assert not wide(jax.tree.map(lambda x: x.astype(jnp.float16), PARAMS))
+  curvature = jnp.asarray(np.concatenate([[3e4, 1e4], np.linspace(1.0, 10.0, 62)]), jnp.float16)
+  quadratic = lambda w, d: 0.5 * jnp.sum(d * w ** 2)  # H = diag(d), every product in float16
+  params = jnp.ones(64, jnp.float16)
+  assert analysis.hessian._iteration_design(analysis.hessian_operator(quadratic, params, [curvature], jit=False)) \
+      == "host"
+  result = analysis.hessian_eigenvalues(quadratic, params, [curvature], top_k=2, key=jax.random.key(0), jit=False)
+  np.testing.assert_allclose(result.eigenvalues, [3e4, 1e4], rtol=1e-3)
+
+
 def test_inputs_are_not_mutated():
   before = [np.array(x) for x in jax.tree.leaves(PARAMS)]
   analysis.sharpness_summary(loss_fn, PARAMS, BATCHES, key=jax.random.key(5), trace_samples=4)
@@ -427,22 +443,42 @@ def _numpy_lanczos(matrix, start, iterations):
   return np.array(alphas), np.array(betas), np.stack(basis[:iterations])
 
 
+def _lanczos_rows(design, operator, start, iterations, reorthogonalize):
+  """``iterations`` Lanczos steps of ``operator`` from ``start`` without a convergence test, driven as ``design``
+  says ("loop": device loops in chunks; "unnormalised"/"unit": the host loop keeping ``w`` and its scale, or
+  unit vectors): alphas, betas, and the unit basis vectors as rows (float64, leaves in ravel_pytree's order)."""
+  if design == "loop":
+    alphas, betas, state, m, _, performed = analysis.hessian._lanczos_in_loop(
+        lambda s, stop: operator.lanczos_loop(s, stop, reorthogonalize == "full"), start, iterations, 5,
+        lambda ritz, residuals: np.inf, reorthogonalize)
+    assert m == performed == iterations
+    return alphas, betas, np.stack([np.concatenate([np.asarray(leaf[i], np.float64).ravel()
+                                                    for leaf in jax.tree.leaves(state.basis)])
+                                    for i in range(iterations)])
+  alphas, betas, basis, lengths, _, scales = analysis.hessian._lanczos_run(
+      analysis.hessian._JITTED, operator.matvec, start, iterations, False, reorthogonalize=reorthogonalize,
+      unit=design == "unit")
+  assert lengths[0] == len(basis) == iterations
+  if design == "unit":
+    np.testing.assert_array_equal(scales, 1.0)
+  else:  # the basis holds w_j = beta_j q_j and 1 / beta_j (the first: the start vector and 1 / its norm)
+    np.testing.assert_allclose(scales[1:, 0], 1.0 / betas[:-1, 0], rtol=1e-12)
+    np.testing.assert_allclose(scales[0, 0], 1.0 / np.linalg.norm(flat(start)), rtol=1e-6)
+  return alphas[:, 0], betas[:, 0], np.stack([scale[0] * flat(v) for v, scale in zip(basis, scales)])
+
+
+@pytest.mark.parametrize("design", ["loop", "unnormalised", "unit"])
 @pytest.mark.parametrize("reorthogonalize", ["full", "partial"])
-def test_device_loop_matches_numpy_lanczos(dense, reorthogonalize):
-  """``lanczos_loop`` in chunks: alpha, beta and the basis against textbook float64 Lanczos on the dense
-  Hessian (full), or a semi-orthogonal basis and the dense extreme eigenvalues (partial)."""
+def test_lanczos_designs_match_numpy_lanczos(dense, reorthogonalize, design):
+  """Device loops in chunks, and the host loop with unnormalised or unit vectors: alpha, beta and the basis
+  against textbook float64 Lanczos on the dense Hessian (full), or a semi-orthogonal basis and the dense
+  extreme eigenvalues (partial)."""
   hessian_matrix, values, _ = dense
   operator = analysis.hessian_operator(loss_fn, PARAMS, BATCHES)
   start = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape), jnp.float32), PARAMS)
   start_flat = flat(start)
   iterations = 40
-  alphas, betas, state, m, _, performed = analysis.hessian._lanczos_in_loop(
-      lambda s, stop: operator.lanczos_loop(s, stop, reorthogonalize == "full"), start, iterations, 5,
-      lambda ritz, residuals: np.inf, reorthogonalize)
-  assert m == performed == iterations
-  rows = np.stack([np.concatenate([np.asarray(leaf[i], np.float64).ravel() for leaf in jax.tree.leaves(state.basis)])
-                   for i in range(iterations)])
-  rows = rows[:, np.argsort(np.argsort(np.arange(rows.shape[1])))]  # leaves in ravel_pytree's order already
+  alphas, betas, rows = _lanczos_rows(design, operator, start, iterations, reorthogonalize)
   if reorthogonalize == "full":
     want_alphas, want_betas, want_basis = _numpy_lanczos(hessian_matrix, start_flat, iterations)
     np.testing.assert_allclose(alphas, want_alphas, rtol=1e-4, atol=1e-5)
@@ -453,7 +489,8 @@ def test_device_loop_matches_numpy_lanczos(dense, reorthogonalize):
     np.testing.assert_allclose(rows @ rows.T, np.eye(iterations), atol=np.sqrt(np.finfo(np.float32).eps))
   ritz = np.linalg.eigvalsh(np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1))
   np.testing.assert_allclose([ritz[-1], ritz[0]], [values[-1], values[0]], rtol=1e-4)
-  assert operator.counter[0] == 0  # the loop does not count; its caller does
+  if design == "loop":
+    assert operator.counter[0] == 0  # the loop does not count; its caller does
 
 
 def test_device_loop_on_an_invariant_krylov_space():

@@ -93,7 +93,8 @@ LossFn = Callable[[Any, Any], jax.Array]
 #: Linearise each batch's gradient once (and reuse it for every HVP) when the
 #: residuals of all batches together take at most this many bytes.
 LINEARIZE_BUDGET_BYTES = 1 << 30
-_GROUP_SIZES = (32, 8, 1)  # basis vectors per reorthogonalisation call
+_GROUP_SIZES = (32, 16, 8, 4, 2, 1)  # basis vectors per reorthogonalisation call
+_COMBINE_SIZES = (32, 8)  # basis vectors per call forming eigenvectors (see _combine_bounds)
 _INTERLEAVE = 128  # block width of the interleaved layout of eigenvector combinations
 _REORTH_AGAIN = 1 / math.sqrt(2)  # DGKS: a second pass when the norm drops below this fraction
 
@@ -168,16 +169,33 @@ def _scaled(c: jax.Array, x: jax.Array, block: bool) -> jax.Array:
   return c.astype(x.dtype) * x
 
 
-def _local_step_impl(w, q, q_prev, beta_prev, block):
-  """``alpha = <q, w>``; ``w - alpha q - beta_prev q_prev``; and the norm of the result."""
-  alpha = _dot(q, w, block)
-  w = jax.tree.map(lambda a, b, c: a - _scaled(alpha, b, block) - _scaled(beta_prev, c, block), w, q, q_prev)
+def _local_step_impl(w, q, q_prev, beta_prev, block, scale=None):
+  """``alpha = <q, w>``; ``w - alpha q - beta_prev q_prev``; and the norm of the result.
+
+  ``scale`` (unnormalised basis vectors, see :func:`_lanczos_run`): the
+  Lanczos vector is ``scale * q`` and ``w = H q``; then ``alpha = scale^2
+  <q, w>``, the result is ``scale (w - alpha q) - beta_prev q_prev`` and
+  ``beta_prev`` is the coupling times the previous vector's scale.
+  """
+  if scale is None:
+    alpha = _dot(q, w, block)
+    w = jax.tree.map(lambda a, b, c: a - _scaled(alpha, b, block) - _scaled(beta_prev, c, block), w, q, q_prev)
+    return w, alpha, jnp.sqrt(_dot(w, w, block))
+  alpha = jnp.square(scale) * _dot(q, w, block)
+  w = jax.tree.map(lambda a, b, c: _scaled(scale, a - _scaled(alpha, b, block), block) - _scaled(beta_prev, c, block),
+                   w, q, q_prev)
   return w, alpha, jnp.sqrt(_dot(w, w, block))
 
 
-def _project_out_impl(w, vectors, block):
-  """One classical Gram-Schmidt pass of ``w`` against ``vectors`` (a tuple); and the new norm."""
+def _project_out_impl(w, vectors, block, factors=None):
+  """One classical Gram-Schmidt pass of ``w`` against ``vectors`` (a tuple); and the new norm.
+
+  ``factors[i]`` (unnormalised vectors): the squared scale of ``vectors[i]``,
+  so that ``w -= factors[i] <vectors[i], w> vectors[i]``.
+  """
   coefficients = [_dot(q, w, block) for q in vectors]
+  if factors is not None:
+    coefficients = [factors[i] * c for i, c in enumerate(coefficients)]
   w = jax.tree.map(lambda a, *qs: a - sum(_scaled(c, x, block) for c, x in zip(coefficients, qs)), w, *vectors)
   return w, jnp.sqrt(_dot(w, w, block))
 
@@ -186,8 +204,12 @@ def _scale_impl(w, factor, block):
   return jax.tree.map(lambda x: _scaled(factor, x, block), w)
 
 
+def _norm_impl(w, block):
+  return jnp.sqrt(_dot(w, w, block))
+
+
 def _normalize_impl(w, block):
-  norm = jnp.sqrt(_dot(w, w, block))
+  norm = _norm_impl(w, block)
   return _scale_impl(w, 1.0 / norm, block), norm
 
 
@@ -256,6 +278,7 @@ def _split_impl(stacked, like, into, interleave):
 _local_step = jax.jit(_local_step_impl, static_argnums=4, donate_argnums=0)
 _project_out = jax.jit(_project_out_impl, static_argnums=2, donate_argnums=0)
 _scale = jax.jit(_scale_impl, static_argnums=2, donate_argnums=0)
+_norm = jax.jit(_norm_impl, static_argnums=1)
 _normalize = jax.jit(_normalize_impl, static_argnums=1)
 _normalize_in_place = jax.jit(_normalize_impl, static_argnums=1, donate_argnums=0)
 _combine = jax.jit(_combine_impl, static_argnums=3, donate_argnums=0)
@@ -296,6 +319,21 @@ def _relayout(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(one, tree, shardings)
 
 
+def _rademacher(key: jax.Array, shape: tuple, dtype) -> jax.Array:
+  """Independent signs ``+-1`` shaped ``shape``: 32 from each random 32-bit word (:func:`jax.random.rademacher`
+  draws a word per sign; threefry's words are most of the cost: 11.6M signs took 161 ms that way, 20 ms this way).
+
+  The words are drawn for ``shape`` with its last axis divided by 32
+  (rounded up), so the values depend on the key and ``shape`` only, not on
+  the sharding of the result (threefry is partitionable).
+  """
+  flat = tuple(shape) if shape else (1,)
+  words = jax.random.bits(key, flat[:-1] + (-(-flat[-1] // 32),), jnp.uint32)
+  bits = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # each word's 32 bits, side by side
+  bits = jnp.reshape(bits, words.shape[:-1] + (32 * words.shape[-1],))[..., :flat[-1]]
+  return jnp.reshape(1 - 2 * bits.astype(jnp.int32), shape).astype(dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _random_fn(treedef, shapes: tuple, shardings: tuple, num: Optional[int], kind: str, dtype):
   def draw(keys):
@@ -306,7 +344,7 @@ def _random_fn(treedef, shapes: tuple, shardings: tuple, num: Optional[int], kin
         if kind == "normal":
           leaves.append(jax.random.normal(leaf_key, shape, dtype))
         else:
-          leaves.append(jax.random.rademacher(leaf_key, shape, dtype))
+          leaves.append(_rademacher(leaf_key, shape, dtype))
       return jax.tree.unflatten(treedef, leaves)
     return one(keys) if num is None else jax.vmap(one)(keys)
   out = None if any(s is None for s in shardings) else jax.tree.unflatten(treedef, list(shardings))
@@ -623,15 +661,16 @@ class _Ops(NamedTuple):
   local_step: Callable
   project_out: Callable
   scale: Callable
+  norm: Callable
   normalize: Callable
   normalize_in_place: Callable
   combine: Callable
   split: Callable
 
 
-_JITTED = _Ops(_local_step, _project_out, _scale, _normalize, _normalize_in_place, _combine, _split)
-_EAGER = _Ops(_local_step_impl, _project_out_impl, _scale_impl, _normalize_impl, _normalize_impl, _combine_impl,
-              _split_impl)
+_JITTED = _Ops(_local_step, _project_out, _scale, _norm, _normalize, _normalize_in_place, _combine, _split)
+_EAGER = _Ops(_local_step_impl, _project_out_impl, _scale_impl, _norm_impl, _normalize_impl, _normalize_impl,
+              _combine_impl, _split_impl)
 
 
 class LanczosResult(NamedTuple):
@@ -665,14 +704,17 @@ def _tridiagonal_eigh(alphas: Sequence[float], betas: Sequence[float]):
 
 
 def _group_bounds(count: int) -> list:
-  """Reorthogonalisation groups: 32, then 8, then 1 vectors (e.g. 43 = 32 + 8 + 1 + 1 + 1).
+  """Reorthogonalisation groups: 32 vectors, then the rest by powers of two (e.g. 45 = 32 + 8 + 4 + 1).
 
-  Few dispatches per pass (at most ``count / 32 + 10``) and only three group
+  Few dispatches per pass (at most ``count / 32 + 5``) and only six group
   sizes to compile: every size is one program per params structure, and for
   the small models of a study compiling them costs more than the extra
-  dispatches. No padding: the inner products are separate reductions that
-  each stream their vector, so a repeated vector costs as much as a new one
-  (unlike :func:`_combine_bounds`).
+  dispatches. Every call reads and writes ``w`` once more, so on a large
+  model fewer calls are faster: against 13 to 20 vectors of 11.6M
+  parameters (XLA:CPU) powers of two took 13 % less time than groups of 8
+  and single vectors. No padding: the inner products are separate
+  reductions that each stream their vector, so a repeated vector costs as
+  much as a new one (unlike :func:`_combine_bounds`).
   """
   bounds, start = [], 0
   for size in _GROUP_SIZES:
@@ -682,14 +724,14 @@ def _group_bounds(count: int) -> list:
   return bounds
 
 
-def _groups(basis: list):
-  return [tuple(basis[a:b]) for a, b in _group_bounds(len(basis))]
-
-
-def _orthogonalise(ops: _Ops, w: Any, basis: list, block: bool):
+def _orthogonalise(ops: _Ops, w: Any, basis: list, block: bool, factors: Optional[np.ndarray] = None):
+  """Gram-Schmidt of ``w`` against ``basis`` by groups; ``factors``: one row per vector (its squared scale)."""
   norm = None
-  for group in _groups(basis):
-    w, norm = ops.project_out(w, group, block)
+  for a, b in _group_bounds(len(basis)):
+    if factors is None:
+      w, norm = ops.project_out(w, tuple(basis[a:b]), block)
+    else:
+      w, norm = ops.project_out(w, tuple(basis[a:b]), block, factors[a:b])
   return w, norm
 
 
@@ -770,7 +812,7 @@ class _OrthogonalityEstimate:
 
 
 def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converged=None, min_iters: int = 1,
-                 reorthogonalize: str = "partial", own_start: bool = False, step=None):
+                 reorthogonalize: str = "partial", own_start: bool = False, step=None, unit: bool = True):
   """Lanczos with full or partial reorthogonalisation; vectors on the devices, ``alpha``/``beta`` on the host.
 
   ``reorthogonalize="partial"`` (Simon 1984): :class:`_OrthogonalityEstimate`
@@ -785,24 +827,39 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   ``own_start=True``: ``start`` is the caller's to give up; it is normalised
   in place (its memory becomes the first basis vector).
 
+  ``unit=False`` (``matvec`` linear in floating point's range, e.g. an HVP in
+  float32 or bfloat16): the basis keeps the unnormalised vectors ``w`` with
+  host-side scales, ``q_j = w_j / beta_j``, and ``matvec`` gets ``w_j``; the
+  scale enters the three-term step (:func:`_local_step_impl`) and the
+  Gram-Schmidt coefficients, so no pass over memory writes ``q_j`` (on
+  XLA:CPU, 8 of an iteration's ~30 ms beyond an 11.6M-parameter product).
+
   ``step`` (one vector, not a block): a :attr:`HessianOperator.lanczos_step`
   that does an iteration's product, three-term step and the normalisation
   of the previous ``w`` in the product's own programs; ``beta`` then stays on
   the devices between iterations (the host reads it, and never sends it back).
 
-  Returns ``(alphas, betas, basis, lengths, reorthogonalised)``: ``alphas``/``betas``
-  are (iterations, probes) float64 arrays, ``lengths[r]`` the number of valid
-  iterations of probe ``r`` (shorter after a breakdown, ``beta ~ 0``), and
-  ``reorthogonalised`` the number of iterations that orthogonalised against
-  (part of) the basis.
+  Returns ``(alphas, betas, basis, lengths, reorthogonalised, scales)``:
+  ``alphas``/``betas`` are (iterations, probes) float64 arrays, ``lengths[r]``
+  the number of valid iterations of probe ``r`` (shorter after a breakdown,
+  ``beta ~ 0``), ``reorthogonalised`` the number of iterations that
+  orthogonalised against (part of) the basis, and ``scales`` (iterations,
+  probes) the factors that make ``basis[j]`` unit (ones when ``unit``).
   """
   _check_reorthogonalize(reorthogonalize)
   layout = jax.tree.map(lambda x: x.sharding, start)
-  q, start_norm = (ops.normalize_in_place if own_start else ops.normalize)(start, block)
-  q = _relayout(q, layout)
   dtype = _accumulation_dtype()
-  num = int(jax.tree.leaves(q)[0].shape[0]) if block else 1
-  basis = []
+  fused = step is not None and not block
+  unit = unit or fused
+  num = int(jax.tree.leaves(start)[0].shape[0]) if block else 1
+  if unit:
+    q, start_norm = (ops.normalize_in_place if own_start else ops.normalize)(start, block)
+    scale = np.ones(num)
+  else:  # the start vector itself is the first basis vector
+    q, start_norm = start, ops.norm(start, block)
+    scale = 1.0 / np.reshape(_to_host(start_norm), num)
+  q = _relayout(q, layout)
+  basis, scales = [], []
   # alpha_j, beta_j (rows) of each probe (columns); Gershgorin's bound on ||T|| kept as running maxima
   alphas, betas = np.zeros((max_iters, num)), np.zeros((max_iters, num))
   max_alpha, max_beta = np.zeros(num), np.zeros(num)
@@ -813,44 +870,50 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   again = False  # PRO orthogonalises two consecutive vectors
   selected = np.zeros(0, int)
   reorthogonalised = 0
-  fused = step is not None and not block
-  q_prev, beta_prev = q, np.zeros(num if block else (), dtype)
+  per_probe = (lambda x: np.asarray(x, dtype)) if block else (lambda x: np.asarray(x[0], dtype))
+  q_prev, coupling = q, per_probe(np.zeros(num))  # coupling: beta_j times the previous vector's scale
   if fused:  # beta stays on the devices: a zero laid out like the later ones (one program, not two)
-    beta_prev = start_norm * 0
+    coupling = start_norm * 0
   pending = None  # fused: (w, ||w||) of the last iteration, normalised inside the next product
   for j in range(max_iters):
+    basis.append(q)
+    scales.append(scale)
     if fused:
-      q, w, coefficients, norm_device = (step(q, None, q_prev, beta_prev) if pending is None
-                                         else step(*pending, q_prev, beta_prev))
-      basis.append(q)
+      q, w, coefficients, norm_device = (step(q, None, q_prev, coupling) if pending is None
+                                         else step(*pending, q_prev, coupling))
+      basis[-1] = q
       alpha, norm = np.split(_to_host(coefficients), 2)  # one transfer of one array
     else:
-      basis.append(q)
       w = matvec(q)
-      w, alpha, norm_device = ops.local_step(w, q, q_prev, beta_prev, block)
+      if unit:
+        w, alpha, norm_device = ops.local_step(w, q, q_prev, coupling, block)
+      else:
+        w, alpha, norm_device = ops.local_step(w, q, q_prev, coupling, block, per_probe(scale))
       alpha, norm = map(_to_host, jax.device_get((alpha, norm_device)))  # one transfer
     alphas[j] = alpha
     max_alpha = np.maximum(max_alpha, np.abs(alpha))
     norm_t = max_alpha + 2 * max_beta  # Gershgorin's bound on ||T||: max |alpha| + 2 max beta
     if estimate is None:
-      against = basis
+      against = np.arange(len(basis))
     else:
       worst = estimate.step(alphas[:j + 1], betas[:j], norm, norm_t)
       if again or (len(basis) > 1 and np.any(worst[~done] > math.sqrt(eps))):
         # Against the vectors it has lost orthogonality to (|omega| > eps^(3/4)); the
         # next vector, against the same ones and its own (PROPACK's choice).
         selected = np.union1d(selected if again else np.zeros(0, int), estimate.above(eps ** 0.75, ~done))
-        against = [basis[k] for k in selected]
+        against = selected
         again = not again
       else:
-        against = []
-    if against:
+        against = np.zeros(0, int)
+    if len(against):
       reorthogonalised += 1
+      vectors = [basis[k] for k in against]
+      factors = None if unit else np.stack([np.square(per_probe(scales[k])) for k in against])
       norm_local = norm
-      w, norm_device = _orthogonalise(ops, w, against, block)
+      w, norm_device = _orthogonalise(ops, w, vectors, block, factors)
       norm = _to_host(norm_device)
       if np.any(norm < _REORTH_AGAIN * norm_local):  # DGKS: cancellation, so once more
-        w, norm_device = _orthogonalise(ops, w, against, block)
+        w, norm_device = _orthogonalise(ops, w, vectors, block, factors)
         norm = _to_host(norm_device)
       if estimate is not None:
         estimate.reset(selected)
@@ -870,14 +933,19 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
     betas[j] = beta
     max_beta = np.maximum(max_beta, beta)
     if fused:  # not done (a single vector that broke down has stopped): beta > 0
-      q_prev, beta_prev, pending = q, norm_device, (w, norm_device)
+      q_prev, coupling, pending = q, norm_device, (w, norm_device)
       continue
-    safe = np.where(done, 1.0, beta).astype(dtype)
-    q_prev, beta_prev = q, (safe if block else safe[0])
-    q = _relayout(ops.scale(w, (1.0 / safe) if block else (1.0 / safe[0]), block), layout)
+    safe = np.where(done, 1.0, beta)
+    q_prev = q
+    if unit:
+      coupling = per_probe(safe)
+      q = _relayout(ops.scale(w, per_probe(1.0 / safe), block), layout)
+    else:
+      coupling, scale = per_probe(safe * scale), 1.0 / safe
+      q = _relayout(w, layout)
   lengths = np.minimum(lengths, iterations)
   betas[iterations - 1] = beta  # the last beta, also where the loop stopped before keeping it
-  return alphas[:iterations], betas[:iterations], basis, lengths, reorthogonalised
+  return alphas[:iterations], betas[:iterations], basis, lengths, reorthogonalised, np.stack(scales)
 
 
 # --------------------------------------------------------------------------
@@ -1089,7 +1157,7 @@ def _combine_bounds(count: int) -> list:
   program the repeat is read from cache, so it costs next to nothing, while
   every extra call would read and write the whole accumulator again.
   """
-  large, small = _GROUP_SIZES[:2]
+  large, small = _COMBINE_SIZES
   bounds, start = [], 0
   while count - start >= large:
     bounds.append((start, start + large))
@@ -1172,18 +1240,33 @@ def lanczos(
   return _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start=False)
 
 
-def _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start,
-             step=None) -> LanczosResult:
-  """:func:`lanczos`; ``own_start=True`` lets it normalise ``start`` in place, ``step`` fuses (see :func:`_lanczos_run`)."""
+def _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start) -> LanczosResult:
+  """:func:`lanczos`; ``own_start=True`` lets it normalise ``start`` in place."""
   ops = _JITTED if jit else _EAGER
   start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
   max_iters = max(1, min(max_iters, int(sum(np.size(x) for x in jax.tree.leaves(start)))))
-  alphas, betas, basis, lengths, reorthogonalised = _lanczos_run(ops, matvec, start, max_iters, False, converged,
-                                                                 min_iters, reorthogonalize, own_start, step)
+  alphas, betas, basis, lengths, reorthogonalised, _ = _lanczos_run(ops, matvec, start, max_iters, False, converged,
+                                                                    min_iters, reorthogonalize, own_start)
   m = int(lengths[0])
-  values, vectors = _tridiagonal_eigh(alphas[:m, 0], betas[:m, 0])
-  residuals = np.abs(betas[m - 1, 0] * vectors[-1, :])
+  values, vectors, residuals = _ritz_pairs(alphas[:m, 0], betas[:m, 0])
   return LanczosResult(values, vectors, basis[:m], residuals, reorthogonalised)
+
+
+def _ritz_pairs(alphas: np.ndarray, betas: np.ndarray):
+  """Ritz values (ascending), vectors of ``T`` and residual norms ``|beta_m s_{m,i}|`` from ``m`` iterations."""
+  values, vectors = _tridiagonal_eigh(alphas, betas)
+  return values, vectors, np.abs(betas[len(alphas) - 1] * vectors[-1, :])
+
+
+def _wide_range(params: Any) -> bool:
+  """Whether every floating leaf has float32's exponent range (bfloat16 does; float16 overflows at 65504).
+
+  An HVP of an unnormalised Lanczos vector (``unit=False`` in
+  :func:`_lanczos_run`) is ``||w||`` times larger than that of a unit one.
+  """
+  top = jnp.finfo(jnp.float32).maxexp
+  return all(jnp.finfo(x.dtype).maxexp >= top for x in jax.tree.leaves(params)
+             if jnp.issubdtype(x.dtype, jnp.floating))
 
 
 class _UnpacksAs:
@@ -1321,14 +1404,15 @@ def _operator_lanczos(operator: HessianOperator, key: jax.Array, max_iters: int,
         lambda state, stop: operator.lanczos_loop(state, stop, full), start, max_iters, min_iters, worst,
         reorthogonalize)
     operator.counter[0] += performed
-    values, vectors = _tridiagonal_eigh(alphas, betas)
-    residuals = np.abs(betas[m - 1] * vectors[-1, :])
-    return values, vectors, residuals, lambda c: _ritz_vectors_stacked(state.basis, m, c, operator.params)
+    return (*_ritz_pairs(alphas, betas), lambda c: _ritz_vectors_stacked(state.basis, m, c, operator.params))
   converged = lambda values, residuals: worst(values, residuals) <= 1.0
-  result = _lanczos(operator.matvec, start, max_iters, converged, min_iters, True, reorthogonalize,
-                    own_start=True, step=operator.lanczos_step if design == "fused" else None)
-  return (result.ritz_values, result.ritz_vectors, result.residuals,
-          lambda c: _ritz_vectors(_JITTED, result.basis, c, operator.params, consume=True))
+  alphas, betas, basis, lengths, _, scales = _lanczos_run(
+      _JITTED, operator.matvec, start, max(1, min(max_iters, operator.num_params)), False, converged, min_iters,
+      reorthogonalize, own_start=True, step=operator.lanczos_step if design == "fused" else None,
+      unit=not _wide_range(operator.params))
+  m = int(lengths[0])
+  return (*_ritz_pairs(alphas[:m, 0], betas[:m, 0]),
+          lambda c: _ritz_vectors(_JITTED, basis[:m], c * scales[:m], operator.params, consume=True))
 
 
 def _start_vector(operator: HessianOperator, key: jax.Array) -> Any:
@@ -1630,9 +1714,10 @@ def spectral_density(
   for start in range(0, num_runs, block_size):
     block_keys = keys[start: start + block_size]
     probes = _random_like(operator.params, block_keys, "rademacher")
-    alphas, betas, _, lengths, _ = _lanczos_run(_JITTED, operator.matvec_block, probes, iterations, True,
-                                                reorthogonalize=_reorthogonalization_for(operator.params, "partial"),
-                                                own_start=True)
+    alphas, betas, _, lengths, _, _ = _lanczos_run(
+        _JITTED, operator.matvec_block, probes, iterations, True,
+        reorthogonalize=_reorthogonalization_for(operator.params, "partial"), own_start=True,
+        unit=not _wide_range(operator.params))
     for r in range(len(block_keys)):
       m = int(lengths[r])
       values, vectors = _tridiagonal_eigh(alphas[:m, r], betas[:m, r])
