@@ -728,10 +728,7 @@ def _orthogonalise(ops: _Ops, w: Any, basis: list, block: bool, factors: Optiona
   """Gram-Schmidt of ``w`` against ``basis`` by groups; ``factors``: one row per vector (its squared scale)."""
   norm = None
   for a, b in _group_bounds(len(basis)):
-    if factors is None:
-      w, norm = ops.project_out(w, tuple(basis[a:b]), block)
-    else:
-      w, norm = ops.project_out(w, tuple(basis[a:b]), block, factors[a:b])
+    w, norm = ops.project_out(w, tuple(basis[a:b]), block, None if factors is None else factors[a:b])
   return w, norm
 
 
@@ -876,14 +873,14 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
     coupling = start_norm * 0
   pending = None  # fused: (w, ||w||) of the last iteration, normalised inside the next product
   for j in range(max_iters):
-    basis.append(q)
     scales.append(scale)
     if fused:
       q, w, coefficients, norm_device = (step(q, None, q_prev, coupling) if pending is None
                                          else step(*pending, q_prev, coupling))
-      basis[-1] = q
+      basis.append(q)
       alpha, norm = np.split(_to_host(coefficients), 2)  # one transfer of one array
     else:
+      basis.append(q)
       w = matvec(q)
       if unit:
         w, alpha, norm_device = ops.local_step(w, q, q_prev, coupling, block)
