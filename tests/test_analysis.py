@@ -448,7 +448,7 @@ def _lanczos_rows(design, operator, start, iterations, reorthogonalize):
   says ("loop": device loops in chunks; "unnormalised"/"unit": the host loop keeping ``w`` and its scale, or
   unit vectors): alphas, betas, and the unit basis vectors as rows (float64, leaves in ravel_pytree's order)."""
   if design == "loop":
-    alphas, betas, state, m, _, performed = analysis.hessian._lanczos_in_loop(
+    alphas, betas, state, m, performed = analysis.hessian._lanczos_in_loop(
         lambda s, stop: operator.lanczos_loop(s, stop, reorthogonalize == "full"), start, iterations, 5,
         lambda ritz, residuals: np.inf, reorthogonalize)
     assert m == performed == iterations

@@ -215,7 +215,7 @@ def test_device_loop_basis_is_sharded_like_the_params(mode):
   for name, params, batches in (("single", PARAMS, BATCHES), ("sharded", SHARDED_PARAMS, SHARDED_BATCHES)):
     operator = analysis.hessian_operator(loss_fn, params, batches)
     start = analysis.hessian._start_vector(operator, jax.random.key(4))
-    _, _, state, m, _, _ = analysis.hessian._lanczos_in_loop(
+    _, _, state, m, _ = analysis.hessian._lanczos_in_loop(
         lambda s, stop, operator=operator: operator.lanczos_loop(s, stop, mode == "full"), start, 12, 3,
         lambda ritz, residuals: np.inf, mode)
     assert m == 12

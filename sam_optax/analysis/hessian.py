@@ -972,7 +972,6 @@ class _LoopState(NamedTuple):
   max_beta: jax.Array
   j: jax.Array  # iterations done
   done: jax.Array  # the Krylov space is invariant (beta ~ 0)
-  reorthogonalised: jax.Array
 
 
 def _stacked_project_out(w: Any, basis: Any, mask: jax.Array):
@@ -1045,8 +1044,7 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
     done = norm <= 1e-10 * jnp.maximum(1.0, norm_t)
     q = _scale_impl(w, 1.0 / jnp.where(done, 1.0, norm), False)
     return _LoopState(basis, q, s.q, norm, alphas, s.betas.at[j].set(norm), omega, omega_prev, selected, again,
-                      max_alpha, jnp.maximum(s.max_beta, norm), j + 1, done,
-                      s.reorthogonalised + orthogonalise.astype(jnp.int32))
+                      max_alpha, jnp.maximum(s.max_beta, norm), j + 1, done)
 
   return lax.while_loop(lambda s: (s.j < stop) & ~s.done, body, state)
 
@@ -1061,8 +1059,7 @@ def _loop_state(q: Any, capacity: int) -> _LoopState:
                              for x in leaves])
   return _LoopState(basis, q, jax.tree.map(jnp.zeros_like, q), zeros(), zeros(capacity), zeros(capacity),
                     zeros(capacity + 1).at[0].set(1.0), zeros(capacity + 1), zeros(capacity, kind=bool),
-                    zeros(kind=bool), zeros(), zeros(), zeros(kind=jnp.int32), zeros(kind=bool),
-                    zeros(kind=jnp.int32))
+                    zeros(kind=bool), zeros(), zeros(), zeros(kind=jnp.int32), zeros(kind=bool))
 
 
 def _grow_impl(state, extra):
@@ -1097,7 +1094,7 @@ def _lanczos_in_loop(loop, start, max_iters: int, min_iters: int, worst: Callabl
   first converged iteration wastes less than a quarter of the products
   (done and counted; their vectors are dropped).
 
-  Returns ``(alphas, betas, state, m, reorthogonalised, performed)``: the
+  Returns ``(alphas, betas, state, m, performed)``: the
   first ``m`` of the ``performed`` iterations are the result, ``state.basis``
   rows ``0..m-1`` their vectors.
   """
@@ -1122,11 +1119,11 @@ def _lanczos_in_loop(loop, start, max_iters: int, min_iters: int, worst: Callabl
       values, vectors = _tridiagonal_eigh(alphas[:i], betas[:i - 1])
       value = float(worst(values, np.abs(betas[i - 1] * vectors[-1, :])))
       if value <= 1.0:
-        return alphas[:i], betas[:i], state, i, int(state.reorthogonalised), j
+        return alphas[:i], betas[:i], state, i, j
       history.append((i, math.log(max(value, 1e-300))))
     checked = j
     if bool(done) or j >= max_iters:
-      return alphas[:j], betas[:j], state, j, int(state.reorthogonalised), j
+      return alphas[:j], betas[:j], state, j, j
     size = 1
     if len(history) >= 2:  # log(worst) falls about linearly in i, and faster as Ritz values converge
       (i0, v0), (i1, v1) = history[max(0, len(history) - 4)], history[-1]
@@ -1397,7 +1394,7 @@ def _operator_lanczos(operator: HessianOperator, key: jax.Array, max_iters: int,
   if design == "loop":
     max_iters = max(1, min(max_iters, operator.num_params))
     full = reorthogonalize == "full"
-    alphas, betas, state, m, _, performed = _lanczos_in_loop(
+    alphas, betas, state, m, performed = _lanczos_in_loop(
         lambda state, stop: operator.lanczos_loop(state, stop, full), start, max_iters, min_iters, worst,
         reorthogonalize)
     operator.counter[0] += performed
