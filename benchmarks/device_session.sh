@@ -21,6 +21,7 @@
 # Usage, from the repository root:
 #   bash benchmarks/device_session.sh            # 8 minutes at most (limits below)
 #   bash benchmarks/device_session.sh --quick    # smoke run of the same steps
+#   FASHION_MNIST_FILES=DIR bash benchmarks/device_session.sh   # see below
 # Logs go to $OUT (the device tool's folder) if set, else benchmarks/results/device/.
 set -u
 
@@ -33,6 +34,14 @@ if [ "${1:-}" = "--quick" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+
+# The CPU figures use the real Fashion-MNIST images (Debian's dataset-fashion-mnist);
+# a bare machine lacks them, and the benchmarks then fall back to digits. To time
+# the same data there, carry the four idx files and name their folder here.
+fashion=/usr/share/datasets/fashion-mnist
+if [ -n "${FASHION_MNIST_FILES:-}" ] && ! ls "$fashion"/train-images-idx3-ubyte* >/dev/null 2>&1; then
+  mkdir -p "$fashion" && cp "$FASHION_MNIST_FILES"/*-idx?-ubyte* "$fashion"/
+fi
 
 "$python" - >"$out/environment.txt" 2>&1 <<'EOF'
 import platform
