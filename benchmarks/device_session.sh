@@ -45,15 +45,11 @@ fi
 
 "$python" - >"$out/environment.txt" 2>&1 <<'EOF'
 import platform
-import jax, jaxlib, optax
-print("date:", __import__("datetime").datetime.now().isoformat(timespec="seconds"))
+import datetime
+import flax, jax, jaxlib, optax
+print("date:", datetime.datetime.now().isoformat(timespec="seconds"))
 print("python:", platform.python_version(), "jax:", jax.__version__, "jaxlib:", jaxlib.__version__,
-      "optax:", optax.__version__)
-try:
-  import flax
-  print("flax:", flax.__version__)
-except ImportError:
-  print("flax: missing")
+      "optax:", optax.__version__, "flax:", flax.__version__)
 print("backend:", jax.default_backend(), "devices:", [d.device_kind for d in jax.devices()])
 EOF
 cat "$out/environment.txt"

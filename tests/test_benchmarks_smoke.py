@@ -39,7 +39,8 @@ def test_device_session_script_runs_the_smoke_tested_benchmarks_within_one_devic
   """
   path = os.path.join(BENCHMARKS, "device_session.sh")
   subprocess.run(["bash", "-n", path], check=True)
-  checks = [line.split() for line in open(path, encoding="utf-8") if line.startswith("check ")]
+  with open(path, encoding="utf-8") as script:
+    checks = [line.split() for line in script if line.startswith("check ")]
   scripts = {name for name, _ in SMOKE_RUNS}
   assert [check[3].split("/")[-1] for check in checks] == [
       "hessian_benchmark.py", "step_speed.py", "memory_and_groups.py", "lanczos_overheads.py"]
