@@ -195,7 +195,7 @@ def _project_out_impl(w, vectors, block, factors=None):
   """
   coefficients = [_dot(q, w, block) for q in vectors]
   if factors is not None:
-    coefficients = [factors[i] * c for i, c in enumerate(coefficients)]
+    coefficients = [f * c for f, c in zip(factors, coefficients)]
   w = jax.tree.map(lambda a, *qs: a - sum(_scaled(c, x, block) for c, x in zip(coefficients, qs)), w, *vectors)
   return w, jnp.sqrt(_dot(w, w, block))
 
@@ -882,10 +882,7 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
     else:
       basis.append(q)
       w = matvec(q)
-      if unit:
-        w, alpha, norm_device = ops.local_step(w, q, q_prev, coupling, block)
-      else:
-        w, alpha, norm_device = ops.local_step(w, q, q_prev, coupling, block, per_probe(scale))
+      w, alpha, norm_device = ops.local_step(w, q, q_prev, coupling, block, None if unit else per_probe(scale))
       alpha, norm = map(_to_host, jax.device_get((alpha, norm_device)))  # one transfer
     alphas[j] = alpha
     max_alpha = np.maximum(max_alpha, np.abs(alpha))
@@ -1391,8 +1388,8 @@ def _operator_lanczos(operator: HessianOperator, key: jax.Array, max_iters: int,
   reorthogonalize = _reorthogonalization_for(operator.params, reorthogonalize)
   start = _start_vector(operator, key)
   design = _iteration_design(operator)
+  max_iters = max(1, min(max_iters, operator.num_params))
   if design == "loop":
-    max_iters = max(1, min(max_iters, operator.num_params))
     full = reorthogonalize == "full"
     alphas, betas, state, m, performed = _lanczos_in_loop(
         lambda state, stop: operator.lanczos_loop(state, stop, full), start, max_iters, min_iters, worst,
@@ -1401,7 +1398,7 @@ def _operator_lanczos(operator: HessianOperator, key: jax.Array, max_iters: int,
     return (*_ritz_pairs(alphas, betas), lambda c: _ritz_vectors_stacked(state.basis, m, c, operator.params))
   converged = lambda values, residuals: worst(values, residuals) <= 1.0
   alphas, betas, basis, lengths, _, scales = _lanczos_run(
-      _JITTED, operator.matvec, start, max(1, min(max_iters, operator.num_params)), False, converged, min_iters,
+      _JITTED, operator.matvec, start, max_iters, False, converged, min_iters,
       reorthogonalize, own_start=True, step=operator.lanczos_step if design == "fused" else None,
       unit=not _wide_range(operator.params))
   m = int(lengths[0])
