@@ -1,5 +1,8 @@
 """sam_optax.analysis against the dense ``jax.hessian`` of small models."""
 
+import dataclasses
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,6 +229,88 @@ def test_bad_batches_are_rejected():
     analysis.hessian_trace(loss_fn, PARAMS, BATCHES[0], key=jax.random.key(0))
   with pytest.raises(ValueError, match="empty"):
     analysis.hessian_extremes(loss_fn, PARAMS, [], key=jax.random.key(0))
+
+
+_KEY = jax.random.key(0)
+_DIAGONAL_LOSS = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)  # noqa: E731  H = diag(batch)
+_ARGS = (_DIAGONAL_LOSS, jnp.ones(4), [jnp.arange(1.0, 5.0)])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, top_k=0, key=_KEY), ValueError, "top_k"),
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, top_k=2.0, key=_KEY), ValueError, "top_k"),
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, max_iters=0, key=_KEY), ValueError, "max_iters"),
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, top_k=3, max_iters=2, key=_KEY), ValueError, "max_iters"),
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, tol=-1.0, key=_KEY), ValueError, "tol"),
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, tol=float("nan"), key=_KEY), ValueError, "tol"),
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, key=0), TypeError, "key"),
+    (lambda: analysis.hessian_eigenvalues(*_ARGS, key=jax.random.split(_KEY)), TypeError, "key"),
+    (lambda: analysis.hessian_extremes(*_ARGS, tol=-1e-3, key=_KEY), ValueError, "tol"),
+    (lambda: analysis.hessian_extremes(*_ARGS, max_iters=0, key=_KEY), ValueError, "max_iters"),
+    (lambda: analysis.hessian_extremes(*_ARGS, key=None), TypeError, "key"),
+    (lambda: analysis.hessian_trace(*_ARGS, 1, key=_KEY), ValueError, "num_samples"),
+    (lambda: analysis.hessian_trace(*_ARGS, key=_KEY, block_size=0), ValueError, "block_size"),
+    (lambda: analysis.hessian_trace(*_ARGS, key=7), TypeError, "key"),
+    (lambda: analysis.spectral_density(*_ARGS, key=_KEY, num_iters=0), ValueError, "num_iters"),
+    (lambda: analysis.spectral_density(*_ARGS, key=_KEY, num_runs=0), ValueError, "num_runs"),
+    (lambda: analysis.spectral_density(*_ARGS, key=_KEY, num_bins=1), ValueError, "num_bins"),
+    (lambda: analysis.spectral_density(*_ARGS, key=_KEY, sigma_squared=0.0), ValueError, "sigma_squared"),
+    (lambda: analysis.spectral_density(*_ARGS, key=_KEY, overhead=-0.1), ValueError, "overhead"),
+    (lambda: analysis.spectral_density(*_ARGS, key=_KEY, block_size=0), ValueError, "block_size"),
+    (lambda: analysis.sharpness_summary(*_ARGS, key=_KEY, trace_samples=1), ValueError, "trace_samples"),
+    (lambda: analysis.sharpness_summary(*_ARGS, key=_KEY, trace_block_size=0), ValueError, "trace_block_size"),
+    (lambda: analysis.sharpness_summary(*_ARGS, key=_KEY, tol=-1.0), ValueError, "tol"),
+    (lambda: analysis.hessian_operator(None, jnp.ones(4), _ARGS[2]), TypeError, "loss_fn"),
+    (lambda: analysis.hessian_operator(_DIAGONAL_LOSS, {}, _ARGS[2]), TypeError, "params"),
+    (lambda: analysis.hessian_operator(_DIAGONAL_LOSS, jnp.ones(4, jnp.int32), _ARGS[2]), TypeError, "params"),
+    (lambda: analysis.lanczos(lambda v: 2.0 * v, jnp.ones(3), 0), ValueError, "max_iters"),
+    (lambda: analysis.lanczos(lambda v: 2.0 * v, jnp.ones(3), 3, min_iters=0), ValueError, "min_iters"),
+    (lambda: analysis.lanczos(lambda v: 2.0 * v, jnp.zeros(3), 3), ValueError, "start"),
+    (lambda: analysis.lanczos(lambda v: 2.0 * v, jnp.array([1.0, jnp.inf]), 3), ValueError, "start"),
+    (lambda: analysis.lanczos("H", jnp.ones(3), 3), TypeError, "matvec"),
+    (lambda: analysis.lanczos(lambda v: v, jnp.ones(3), 3, converged=True), TypeError, "converged"),
+    (lambda: analysis.loss_surface_1d(*_ARGS, jnp.ones(4), [0.0, 1.0], chunk_size=0), ValueError, "chunk_size"),
+    (lambda: analysis.loss_surface_1d(*_ARGS, jnp.ones(3), [0.0, 1.0]), ValueError, "direction"),
+    (lambda: analysis.loss_surface_2d(*_ARGS, jnp.ones(4), {"a": jnp.ones(4)}, [0.0], [0.0]), ValueError, "dir_y"),
+    (lambda: analysis.filter_normalized_direction({"k": jnp.ones((2, 2))}, 0), TypeError, "key"),
+])
+def test_bad_arguments_are_rejected_by_name(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+def test_a_raw_prng_key_is_the_same_key():
+  """``jax.random.PRNGKey(seed)`` (raw uint32 data) gives exactly what ``jax.random.key(seed)`` gives."""
+  for seed in (0, 3):
+    for fn, kwargs in ((analysis.hessian_eigenvalues, dict(top_k=2)), (analysis.hessian_extremes, {}),
+                       (analysis.hessian_trace, dict(num_samples=4)), (analysis.sharpness_summary, {})):
+      typed = fn(loss_fn, PARAMS, BATCHES, key=jax.random.key(seed), **kwargs)
+      raw = fn(loss_fn, PARAMS, BATCHES, key=jax.random.PRNGKey(seed), **kwargs)
+      fields = lambda r: jax.tree.leaves(vars(r) if dataclasses.is_dataclass(r) else r._asdict())  # noqa: E731
+      assert len(fields(typed)) == len(fields(raw)) >= 3
+      for a, b in zip(fields(typed), fields(raw)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_lanczos_of_a_matvec_returning_its_argument(jit):
+  """``H = diag(1, 1, 3)`` with ``H v`` handing back ``v``'s own array for the identity block: no clash with
+  the in-place three-term step, and the eigenvalues are exact."""
+  start = {"identity": jnp.ones(2), "three": jnp.ones(1)}
+  result = analysis.lanczos(lambda v: {"identity": v["identity"], "three": 3.0 * v["three"]}, start, 3, jit=jit)
+  np.testing.assert_allclose(np.sort(result.ritz_values)[-1], 3.0, rtol=1e-6)
+  np.testing.assert_allclose(np.sort(result.ritz_values)[0], 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(start["identity"]), np.ones(2))  # the caller's start is untouched
+
+
+def test_zero_tolerance_runs_max_iters(dense):
+  """``tol=0``: no early stop (and no warnings); ``max_iters`` HVPs, the eigenvalue still exact."""
+  _, values, _ = dense
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    result = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, key=jax.random.key(1), tol=0.0, max_iters=30)
+  assert result.num_hvps == 30
+  np.testing.assert_allclose(result.eigenvalues[0], values[np.argmax(np.abs(values))], rtol=1e-5)
 
 
 def _diagonal_operator():

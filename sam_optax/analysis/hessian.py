@@ -116,6 +116,49 @@ def _as_batch_list(batches: Any) -> list:
   return batches
 
 
+# Argument checks of the public functions: a clear error naming the argument, before any work.
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> float:
+  """A finite real number, ``> 0`` (``positive``) or ``>= 0``."""
+  bound = "> 0" if positive else ">= 0"
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+  if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+  return float(value)
+
+
+def _check_key(key: Any, name: str = "key") -> jax.Array:
+  """One typed PRNG key: ``jax.random.key(seed)`` as it is, a raw ``jax.random.PRNGKey(seed)`` wrapped (the same
+  key: both give the same results)."""
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      if key.ndim == 0:
+        return key
+    elif key.dtype == np.uint32 and key.ndim == 1:
+      try:
+        return jax.random.wrap_key_data(key)
+      except (TypeError, ValueError):
+        pass
+  shape = f" of shape {tuple(np.shape(key))} and dtype {key.dtype}" if hasattr(key, "dtype") else ""
+  raise TypeError(f"{name} must be one PRNG key, jax.random.key(seed) or jax.random.PRNGKey(seed); got "
+                  f"{type(key).__name__}{shape}")
+
+
+def _relative_residuals(residuals: np.ndarray, scale: np.ndarray, tol: float) -> np.ndarray:
+  """``residuals / (tol * scale)``: <= 1 is converged; with ``tol = 0`` only an exact zero residual is."""
+  bound = tol * np.maximum(scale, 1e-30)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(bound > 0, residuals / np.where(bound > 0, bound, 1.0), np.where(residuals == 0, 0.0, np.inf))
+
+
 def _accumulation_dtype():
   """float32, or float64 when ``jax_enable_x64`` is on."""
   return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
@@ -591,8 +634,13 @@ def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = 
       >>> operator.matvec(jnp.ones(2))
       Array([2., 3.], dtype=float32)
   """
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be a callable loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
   batches = _as_batch_list(batches)
   params = jax.tree.map(jnp.asarray, params)
+  if not jax.tree.leaves(params) or any(not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params)):
+    raise TypeError("params must be a non-empty pytree of floating-point arrays, got leaves of dtypes "
+                    f"{sorted({str(x.dtype) for x in jax.tree.leaves(params)})}")
   weights = np.array([batch_size(b) for b in batches], np.float64)
   weights = _scalars_beside(params, weights / weights.sum())
   num_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
@@ -1217,8 +1265,11 @@ def lanczos(
   costs, beyond the ``matvec``s, for a large model). ``"full"``: every
   iteration, for an orthonormal basis to working precision.
 
-  Stops after ``max_iters`` iterations, when the Krylov space is invariant
-  (``beta`` ~ 0), or when ``converged(ritz_values, residuals)`` says so.
+  Stops after ``max_iters`` (``>= 1``) iterations, when the Krylov space is
+  invariant (``beta`` ~ 0), or when ``converged(ritz_values, residuals)``
+  says so (asked from iteration ``min_iters`` on). ``start`` must be finite
+  and nonzero; ``matvec`` may return its argument's own arrays (they are
+  copied: the three-term step updates the product in place).
 
   Example::
 
@@ -1228,13 +1279,30 @@ def lanczos(
       >>> [round(float(x), 4) for x in result.ritz_values]
       [1.0, 3.0]
   """
-  return _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start=False)
+  if not callable(matvec):
+    raise TypeError(f"matvec must be a callable v -> H v, got {type(matvec).__name__}")
+  if converged is not None and not callable(converged):
+    raise TypeError(f"converged must be None or a callable (ritz_values, residuals) -> bool, got "
+                    f"{type(converged).__name__}")
+  max_iters, min_iters = _check_int("max_iters", max_iters, 1), _check_int("min_iters", min_iters, 1)
+  _check_reorthogonalize(reorthogonalize)
+  start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
+  if not jax.tree.leaves(start):
+    raise ValueError("start must be a pytree with at least one array leaf")
+  start_norm = float(_JITTED.norm(start, False))
+  if not (math.isfinite(start_norm) and start_norm > 0):
+    raise ValueError(f"start must be a finite nonzero vector, got one of norm {start_norm}")
+
+  def fresh(v):  # the product goes into the three-term step in place: never one of the basis' own arrays
+    inputs = {id(x) for x in jax.tree.leaves(v)}
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in inputs else x, matvec(v))
+
+  return _lanczos(fresh, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start=False)
 
 
 def _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start) -> LanczosResult:
   """:func:`lanczos`; ``own_start=True`` lets it normalise ``start`` in place."""
   ops = _JITTED if jit else _EAGER
-  start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
   max_iters = max(1, min(max_iters, int(sum(np.size(x) for x in jax.tree.leaves(start)))))
   alphas, betas, basis, lengths, reorthogonalised, _ = _lanczos_run(ops, matvec, start, max_iters, False, converged,
                                                                     min_iters, reorthogonalize, own_start)
@@ -1444,10 +1512,13 @@ def hessian_eigenvalues(
     loss_fn: ``loss_fn(params, batch) -> scalar mean loss``.
     params: where the Hessian is taken.
     batches: a sequence of batches; the loss is their batch-size-weighted mean.
-    top_k: how many eigenvalues. Default 1.
-    key: a ``jax.random.PRNGKey`` for the start vector.
-    tol: relative residual tolerance. Default 1e-4.
-    max_iters: at most this many HVPs. Default 100.
+    top_k: how many eigenvalues (at most the number of parameters: a larger
+      ``top_k`` returns them all). Default 1.
+    key: the PRNG key of the start vector: ``jax.random.key(seed)``, or
+      ``jax.random.PRNGKey(seed)`` (the same key, the same result).
+    tol: relative residual tolerance, ``>= 0``; ``0`` runs ``max_iters``
+      iterations (or until the Krylov space is invariant). Default 1e-4.
+    max_iters: at most this many HVPs, ``>= top_k``. Default 100.
     jit: jit the HVP (default True; False for debugging).
     reorthogonalize: ``"partial"`` (default) or ``"full"``; see :func:`lanczos`.
       Params in a dtype less precise than the accumulation dtype (bfloat16)
@@ -1465,17 +1536,20 @@ def hessian_eigenvalues(
 
   References: Lanczos (1950); Yao et al., "PyHessian" (2020).
   """
-  if top_k < 1:
-    raise ValueError(f"top_k must be >= 1, got {top_k}")
+  top_k, max_iters = _check_int("top_k", top_k, 1), _check_int("max_iters", max_iters, 1)
+  tol = _check_number("tol", tol, positive=False)
+  key = _check_key(key)
   _check_reorthogonalize(reorthogonalize)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   top_k = min(top_k, operator.num_params)
+  if max_iters < top_k:
+    raise ValueError(f"max_iters ({max_iters}) must be >= top_k ({top_k}): each iteration adds one Ritz value")
 
   def worst(values, residuals):
     order = np.argsort(-np.abs(values))[:top_k]
     if len(order) < top_k:
       return np.inf
-    return float(np.max(residuals[order] / (tol * np.maximum(np.abs(values[order]), 1e-30))))
+    return float(np.max(_relative_residuals(residuals[order], np.abs(values[order]), tol)))
 
   values, vectors, residuals, eigenvectors = _operator_lanczos(operator, key, max_iters, top_k + 1, worst,
                                                                reorthogonalize)
@@ -1520,7 +1594,8 @@ def hessian_extremes(
 
   One Lanczos run (on the devices, as in :func:`hessian_eigenvalues`) gives
   both ends of the spectrum; it stops when both extreme Ritz values have
-  residual ``<= tol * max(|lambda_max|, |lambda_min|)``.
+  residual ``<= tol * max(|lambda_max|, |lambda_min|)`` (``tol >= 0``; ``key``
+  and ``tol`` as in :func:`hessian_eigenvalues`), or after ``max_iters``.
   Returns :class:`Extremes`: it unpacks as ``lambda_max, lambda_min = ...``;
   ``.ratio`` is ``|lambda_max / lambda_min|`` (the sharpness ratio the SAM
   study tabulates) and ``.num_hvps`` the cost.
@@ -1535,10 +1610,13 @@ def hessian_extremes(
       >>> round(lambda_max, 4), round(lambda_min, 4)
       (4.0, -0.5)
   """
+  tol, max_iters = _check_number("tol", tol, positive=False), _check_int("max_iters", max_iters, 1)
+  key = _check_key(key)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
   def worst(values, residuals):
-    return max(residuals[0], residuals[-1]) / (tol * max(abs(values[0]), abs(values[-1]), 1e-30))
+    scale = np.full(2, max(abs(values[0]), abs(values[-1])))
+    return float(np.max(_relative_residuals(np.array([residuals[0], residuals[-1]]), scale, tol)))
 
   values, _, _, _ = _operator_lanczos(operator, key, max_iters, 3, worst, "partial")
   return Extremes(float(values[-1]), float(values[0]), operator.counter[0])
@@ -1561,12 +1639,6 @@ class TraceEstimate(_UnpacksAs):
   stderr: float
   num_hvps: int
   samples: Optional[np.ndarray] = None
-
-
-def _check_block_size(block_size: int) -> int:
-  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
-    raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-  return int(block_size)
 
 
 def hessian_trace(
@@ -1613,9 +1685,9 @@ def hessian_trace(
 
   Reference: Hutchinson (1989); Avron & Toledo (2011).
   """
-  if num_samples < 2:
-    raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
-  block_size = _check_block_size(block_size)
+  num_samples = _check_int("num_samples", num_samples, 2)  # 2: a standard error needs two samples
+  block_size = _check_int("block_size", block_size, 1)
+  key = _check_key(key)
   operator = hessian_operator(loss_fn, params, batches, jit=jit, linearize=False)  # forms need no HVP: no linearisation
   num_blocks = -(-num_samples // min(block_size, num_samples))
   block_size = -(-num_samples // num_blocks)  # as many calls, the least padding: 32 probes go as 4 x 8, not 4 x 10
@@ -1684,6 +1756,12 @@ def spectral_density(
   does not change the result). Memory: ``block_size * num_iters`` Krylov
   vectors like the params.
 
+  Arguments: ``num_iters >= 1`` (at most the number of parameters are
+  done), ``num_runs >= 1``, ``num_bins >= 2``, ``sigma_squared > 0``,
+  ``overhead >= 0``, ``block_size >= 1``; ``key`` as in
+  :func:`hessian_eigenvalues`. Anything else is a ``ValueError`` (a key of
+  the wrong kind a ``TypeError``) naming the argument, before any work.
+
   Returns :class:`SpectralDensity`: it unpacks as ``grid, density = ...``;
   ``.nodes`` and ``.weights`` are the quadrature of each run.
 
@@ -1697,9 +1775,13 @@ def spectral_density(
       >>> round(float(np.sum(density) * (grid[1] - grid[0])), 6)
       1.0
   """
-  block_size = _check_block_size(block_size)
+  num_iters, num_runs = _check_int("num_iters", num_iters, 1), _check_int("num_runs", num_runs, 1)
+  num_bins, block_size = _check_int("num_bins", num_bins, 2), _check_int("block_size", block_size, 1)
+  sigma_squared = _check_number("sigma_squared", sigma_squared, positive=True)
+  overhead = _check_number("overhead", overhead, positive=False)
+  key = _check_key(key)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
-  iterations = max(1, min(num_iters, operator.num_params))
+  iterations = min(num_iters, operator.num_params)
   keys = jax.random.split(key, num_runs)
   all_nodes, all_weights = [], []
   for start in range(0, num_runs, block_size):
@@ -1763,8 +1845,11 @@ def sharpness_summary(
   13 s with 1, 36 s with 8, compilation included), for many probes of a big
   model the default is.
   """
+  trace_samples = _check_int("trace_samples", trace_samples, 2)
+  trace_block_size = _check_int("trace_block_size", trace_block_size, 1)
+  tol = _check_number("tol", tol, positive=False)
   batches = _as_batch_list(batches)
-  key_extremes, key_trace = jax.random.split(key)
+  key_extremes, key_trace = jax.random.split(_check_key(key))
   extremes = hessian_extremes(loss_fn, params, batches, key=key_extremes, tol=tol, jit=jit)
   trace = hessian_trace(loss_fn, params, batches, trace_samples, key=key_trace, jit=jit, block_size=trace_block_size)
   return SharpnessSummary(extremes.lambda_max, extremes.lambda_min, extremes.ratio,

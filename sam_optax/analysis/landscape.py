@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax.analysis.hessian import LossFn, _as_batch_list, batch_size
+from sam_optax.analysis.hessian import LossFn, _as_batch_list, _check_int, _check_key, batch_size
 
 
 def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional[str] = "biasbn") -> Any:
@@ -39,6 +39,7 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
   """
   if ignore not in ("biasbn", None):
     raise ValueError(f"ignore must be 'biasbn' or None, got {ignore!r}")
+  key = _check_key(key)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
   directions = []
@@ -59,7 +60,13 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
 def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: Sequence[Any],
              coordinates: np.ndarray, chunk_size: int) -> np.ndarray:
   """Loss at ``params + sum_k c[k] * directions[k]`` for each row c of ``coordinates``."""
+  chunk_size = _check_int("chunk_size", chunk_size, 1)
   batches = _as_batch_list(batches)
+  for name, direction in zip(("dir_x", "dir_y") if len(directions) == 2 else ("direction",), directions):
+    same = jax.tree.structure(direction) == jax.tree.structure(params) and all(
+        np.shape(d) == np.shape(w) for d, w in zip(jax.tree.leaves(direction), jax.tree.leaves(params)))
+    if not same:
+      raise ValueError(f"{name} must be a pytree shaped like params (same structure and leaf shapes)")
   weights = np.array([batch_size(b) for b in batches], np.float64)
   weights /= weights.sum()
 
