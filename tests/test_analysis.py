@@ -280,16 +280,25 @@ def test_bad_arguments_are_rejected_by_name(call, error, match):
 
 
 def test_a_raw_prng_key_is_the_same_key():
-  """``jax.random.PRNGKey(seed)`` (raw uint32 data) gives exactly what ``jax.random.key(seed)`` gives."""
-  for seed in (0, 3):
-    for fn, kwargs in ((analysis.hessian_eigenvalues, dict(top_k=2)), (analysis.hessian_extremes, {}),
-                       (analysis.hessian_trace, dict(num_samples=4)), (analysis.sharpness_summary, {})):
-      typed = fn(loss_fn, PARAMS, BATCHES, key=jax.random.key(seed), **kwargs)
-      raw = fn(loss_fn, PARAMS, BATCHES, key=jax.random.PRNGKey(seed), **kwargs)
-      fields = lambda r: jax.tree.leaves(vars(r) if dataclasses.is_dataclass(r) else r._asdict())  # noqa: E731
-      assert len(fields(typed)) == len(fields(raw)) >= 3
-      for a, b in zip(fields(typed), fields(raw)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  """``jax.random.PRNGKey(seed)`` (raw uint32 data) gives exactly what ``jax.random.key(seed)`` gives, and
+  another seed does not (so the comparison can tell keys apart)."""
+  a = np.random.default_rng(0).normal(size=(12, 12))
+  matrix = jnp.asarray(a + a.T, jnp.float32)
+  quadratic = lambda w, batch: 0.5 * jnp.mean(batch) * w @ matrix @ w  # noqa: E731  H = matrix
+  args = (quadratic, jnp.ones(12), [jnp.ones(2)])
+
+  def fields(result):
+    return jax.tree.leaves(vars(result) if dataclasses.is_dataclass(result) else result._asdict())
+
+  for fn, kwargs in ((analysis.hessian_eigenvalues, dict(top_k=2)), (analysis.hessian_extremes, {}),
+                     (analysis.hessian_trace, dict(num_samples=4)), (analysis.sharpness_summary, {}),
+                     (analysis.spectral_density, dict(num_iters=4, num_bins=16))):
+    typed, raw, other = (fields(fn(*args, key=key, **kwargs))
+                         for key in (jax.random.key(3), jax.random.PRNGKey(3), jax.random.key(4)))
+    assert len(typed) == len(raw) >= 2
+    for x, y in zip(typed, raw):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(typed, other)), fn.__name__
 
 
 @pytest.mark.parametrize("jit", [True, False])
