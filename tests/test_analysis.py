@@ -322,6 +322,18 @@ def test_zero_tolerance_runs_max_iters(dense):
   np.testing.assert_allclose(result.eigenvalues[0], values[np.argmax(np.abs(values))], rtol=1e-5)
 
 
+def test_stopping_short_of_tol_warns():
+  """``max_iters`` reached before ``tol``: a RuntimeWarning naming both; a converged run stays silent."""
+  with pytest.warns(RuntimeWarning, match=r"hessian_eigenvalues: not converged within max_iters=4"):
+    result = analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, top_k=2, key=jax.random.key(2), max_iters=4)
+  assert result.num_hvps == 4 and np.max(result.residuals / np.abs(result.eigenvalues)) > 1e-4
+  with pytest.warns(RuntimeWarning, match=r"hessian_extremes: not converged within max_iters=3"):
+    analysis.hessian_extremes(loss_fn, PARAMS, BATCHES, key=jax.random.key(2), max_iters=3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    analysis.hessian_extremes(loss_fn, PARAMS, BATCHES, key=jax.random.key(2))
+
+
 def _diagonal_operator():
   """A 4000 x 4000 diagonal H (five outliers over a bulk in [0, 5]) acting on a two-leaf pytree."""
   values = np.concatenate([[100.0, 95.0, 80.0, 60.0, 50.0], np.random.default_rng(0).uniform(0, 5, 3995)])

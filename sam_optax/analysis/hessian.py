@@ -79,6 +79,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 import weakref
 from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Optional, Sequence
 
@@ -150,6 +151,14 @@ def _check_key(key: Any, name: str = "key") -> jax.Array:
   shape = f" of shape {tuple(np.shape(key))} and dtype {key.dtype}" if hasattr(key, "dtype") else ""
   raise TypeError(f"{name} must be one PRNG key, jax.random.key(seed) or jax.random.PRNGKey(seed); got "
                   f"{type(key).__name__}{shape}")
+
+
+def _warn_unless_converged(name: str, worst: float, tol: float, max_iters: int, num_hvps: int) -> None:
+  """A ``RuntimeWarning`` when Lanczos stopped at ``max_iters`` short of ``tol`` (``worst > 1``); none for ``tol=0``."""
+  if tol > 0 and worst > 1:
+    warnings.warn(f"{name}: not converged within max_iters={max_iters} ({num_hvps} HVPs): the worst residual is "
+                  f"{worst:.3g} x its tolerance (tol={tol:g}); raise max_iters or tol",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _relative_residuals(residuals: np.ndarray, scale: np.ndarray, tol: float) -> np.ndarray:
@@ -1499,7 +1508,9 @@ def hessian_eigenvalues(
   value, each returned eigenvalue is then within ``tol`` (relative) of an exact
   one — in practice far closer (the error decreases with the residual squared).
   PyHessian's power iteration stops on a relative *change* of 1e-3 between
-  iterations, which often leaves it ~5e-3 from the exact value.
+  iterations, which often leaves it ~5e-3 from the exact value. Reaching
+  ``max_iters`` first gives a ``RuntimeWarning`` with the worst residual
+  relative to its tolerance (``.residuals`` has each one).
 
   The Krylov basis and the eigenvectors ``y_i = sum_j s_{j,i} q_j`` are
   pytrees shaped and sharded like ``params`` and never leave the devices;
@@ -1553,6 +1564,7 @@ def hessian_eigenvalues(
 
   values, vectors, residuals, eigenvectors = _operator_lanczos(operator, key, max_iters, top_k + 1, worst,
                                                                reorthogonalize)
+  _warn_unless_converged("hessian_eigenvalues", worst(values, residuals), tol, max_iters, operator.counter[0])
   order = np.argsort(-np.abs(values))[:top_k]
   return EigenResult(values[order], eigenvectors(vectors[:, order]), operator.counter[0], residuals[order])
 
@@ -1595,7 +1607,8 @@ def hessian_extremes(
   One Lanczos run (on the devices, as in :func:`hessian_eigenvalues`) gives
   both ends of the spectrum; it stops when both extreme Ritz values have
   residual ``<= tol * max(|lambda_max|, |lambda_min|)`` (``tol >= 0``; ``key``
-  and ``tol`` as in :func:`hessian_eigenvalues`), or after ``max_iters``.
+  and ``tol`` as in :func:`hessian_eigenvalues`), or after ``max_iters`` (with
+  a ``RuntimeWarning`` when short of ``tol``).
   Returns :class:`Extremes`: it unpacks as ``lambda_max, lambda_min = ...``;
   ``.ratio`` is ``|lambda_max / lambda_min|`` (the sharpness ratio the SAM
   study tabulates) and ``.num_hvps`` the cost.
@@ -1618,7 +1631,8 @@ def hessian_extremes(
     scale = np.full(2, max(abs(values[0]), abs(values[-1])))
     return float(np.max(_relative_residuals(np.array([residuals[0], residuals[-1]]), scale, tol)))
 
-  values, _, _, _ = _operator_lanczos(operator, key, max_iters, 3, worst, "partial")
+  values, _, residuals, _ = _operator_lanczos(operator, key, max_iters, 3, worst, "partial")
+  _warn_unless_converged("hessian_extremes", worst(values, residuals), tol, max_iters, operator.counter[0])
   return Extremes(float(values[-1]), float(values[0]), operator.counter[0])
 
 
