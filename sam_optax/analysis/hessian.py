@@ -128,11 +128,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _check_number(name: str, value: Any, *, positive: bool) -> float:
   """A finite real number, ``> 0`` (``positive``) or ``>= 0``."""
-  bound = "> 0" if positive else ">= 0"
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-    raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-  if not math.isfinite(value) or value < 0 or (positive and value == 0):
-    raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+  real = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+  if not (real and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+    raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
   return float(value)
 
 
@@ -1306,15 +1304,10 @@ def lanczos(
     inputs = {id(x) for x in jax.tree.leaves(v)}
     return jax.tree.map(lambda x: jnp.copy(x) if id(x) in inputs else x, matvec(v))
 
-  return _lanczos(fresh, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start=False)
-
-
-def _lanczos(matvec, start, max_iters, converged, min_iters, jit, reorthogonalize, own_start) -> LanczosResult:
-  """:func:`lanczos`; ``own_start=True`` lets it normalise ``start`` in place."""
-  ops = _JITTED if jit else _EAGER
-  max_iters = max(1, min(max_iters, int(sum(np.size(x) for x in jax.tree.leaves(start)))))
-  alphas, betas, basis, lengths, reorthogonalised, _ = _lanczos_run(ops, matvec, start, max_iters, False, converged,
-                                                                    min_iters, reorthogonalize, own_start)
+  max_iters = min(max_iters, int(sum(np.size(x) for x in jax.tree.leaves(start))))
+  alphas, betas, basis, lengths, reorthogonalised, _ = _lanczos_run(_JITTED if jit else _EAGER, fresh, start,
+                                                                    max_iters, False, converged, min_iters,
+                                                                    reorthogonalize)
   m = int(lengths[0])
   values, vectors, residuals = _ritz_pairs(alphas[:m, 0], betas[:m, 0])
   return LanczosResult(values, vectors, basis[:m], residuals, reorthogonalised)
