@@ -263,6 +263,8 @@ _ARGS = (_DIAGONAL_LOSS, jnp.ones(4), [jnp.arange(1.0, 5.0)])
     (lambda: analysis.hessian_operator(None, jnp.ones(4), _ARGS[2]), TypeError, "loss_fn"),
     (lambda: analysis.hessian_operator(_DIAGONAL_LOSS, {}, _ARGS[2]), TypeError, "params"),
     (lambda: analysis.hessian_operator(_DIAGONAL_LOSS, jnp.ones(4, jnp.int32), _ARGS[2]), TypeError, "params"),
+    (lambda: analysis.hvp(_DIAGONAL_LOSS, jnp.ones(4), _ARGS[2][0], jnp.ones(3)), ValueError, "v must"),
+    (lambda: analysis.hvp(_DIAGONAL_LOSS, jnp.ones(4), _ARGS[2][0], {"a": jnp.ones(4)}), ValueError, "v must"),
     (lambda: analysis.lanczos(lambda v: 2.0 * v, jnp.ones(3), 0), ValueError, "max_iters"),
     (lambda: analysis.lanczos(lambda v: 2.0 * v, jnp.ones(3), 3, min_iters=0), ValueError, "min_iters"),
     (lambda: analysis.lanczos(lambda v: 2.0 * v, jnp.zeros(3), 3), ValueError, "start"),

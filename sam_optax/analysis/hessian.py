@@ -194,6 +194,9 @@ def hvp(loss_fn: LossFn, params: Any, batch: Any, v: Any) -> Any:
       >>> analysis.hvp(loss_fn, jnp.ones(2), jnp.array([2.0, 3.0]), jnp.array([1.0, 1.0]))
       Array([2., 3.], dtype=float32)
   """
+  if jax.tree.structure(v) != jax.tree.structure(params) or any(
+      np.shape(t) != np.shape(p) for t, p in zip(jax.tree.leaves(v), jax.tree.leaves(params))):
+    raise ValueError("v must be a pytree shaped like params (same structure and leaf shapes)")
   v = jax.tree.map(lambda p, t: jnp.asarray(t, jnp.asarray(p).dtype), params, v)
   return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
 
