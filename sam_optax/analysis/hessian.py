@@ -89,6 +89,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sam_optax import _common
+
 LossFn = Callable[[Any, Any], jax.Array]
 
 #: Linearise each batch's gradient once (and reuse it for every HVP) when the
@@ -117,24 +119,24 @@ def _as_batch_list(batches: Any) -> list:
   return batches
 
 
-# Argument checks of the public functions: a clear error naming the argument, before any work.
+# Argument checks of the public functions: a clear error naming the argument, before any work (the core's
+# _common.check_static_int / check_nonnegative for counts and tolerances).
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  return int(value)
+def _check_positive(value: Any, argument: str, name: str) -> float:
+  value = _common.check_nonnegative(value, argument, name)
+  if value == 0:
+    raise ValueError(f"{name}: {argument} must be > 0, got {argument}=0.")
+  return value
 
 
-def _check_number(name: str, value: Any, *, positive: bool) -> float:
-  """A finite real number, ``> 0`` (``positive``) or ``>= 0``."""
-  real = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-  if not (real and math.isfinite(value) and (value > 0 if positive else value >= 0)):
-    raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-  return float(value)
+def _check_shaped_like(params: Any, tree: Any, argument: str, name: str) -> None:
+  if jax.tree.structure(tree) != jax.tree.structure(params) or any(
+      np.shape(t) != np.shape(p) for t, p in zip(jax.tree.leaves(tree), jax.tree.leaves(params))):
+    raise ValueError(f"{name}: {argument} must be a pytree shaped like params (same structure and leaf shapes).")
 
 
-def _check_key(key: Any, name: str = "key") -> jax.Array:
+def _check_key(key: Any, name: str) -> jax.Array:
   """One typed PRNG key: ``jax.random.key(seed)`` as it is, a raw ``jax.random.PRNGKey(seed)`` wrapped (the same
   key: both give the same results)."""
   if isinstance(key, (jax.Array, np.ndarray)):
@@ -147,7 +149,7 @@ def _check_key(key: Any, name: str = "key") -> jax.Array:
       except (TypeError, ValueError):
         pass
   shape = f" of shape {tuple(np.shape(key))} and dtype {key.dtype}" if hasattr(key, "dtype") else ""
-  raise TypeError(f"{name} must be one PRNG key, jax.random.key(seed) or jax.random.PRNGKey(seed); got "
+  raise TypeError(f"{name}: key must be one PRNG key, jax.random.key(seed) or jax.random.PRNGKey(seed); got "
                   f"{type(key).__name__}{shape}")
 
 
@@ -194,9 +196,7 @@ def hvp(loss_fn: LossFn, params: Any, batch: Any, v: Any) -> Any:
       >>> analysis.hvp(loss_fn, jnp.ones(2), jnp.array([2.0, 3.0]), jnp.array([1.0, 1.0]))
       Array([2., 3.], dtype=float32)
   """
-  if jax.tree.structure(v) != jax.tree.structure(params) or any(
-      np.shape(t) != np.shape(p) for t, p in zip(jax.tree.leaves(v), jax.tree.leaves(params))):
-    raise ValueError("v must be a pytree shaped like params (same structure and leaf shapes)")
+  _check_shaped_like(params, v, "v", "hvp")
   v = jax.tree.map(lambda p, t: jnp.asarray(t, jnp.asarray(p).dtype), params, v)
   return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
 
@@ -1294,14 +1294,14 @@ def lanczos(
   if converged is not None and not callable(converged):
     raise TypeError(f"converged must be None or a callable (ritz_values, residuals) -> bool, got "
                     f"{type(converged).__name__}")
-  max_iters, min_iters = _check_int("max_iters", max_iters, 1), _check_int("min_iters", min_iters, 1)
+  max_iters, min_iters = _common.check_static_int(max_iters, "max_iters", "lanczos"), _common.check_static_int(min_iters, "min_iters", "lanczos")
   _check_reorthogonalize(reorthogonalize)
   start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
   if not jax.tree.leaves(start):
     raise ValueError("start must be a pytree with at least one array leaf")
   start_norm = float(_JITTED.norm(start, False))
   if not (math.isfinite(start_norm) and start_norm > 0):
-    raise ValueError(f"start must be a finite nonzero vector, got one of norm {start_norm}")
+    raise ValueError(f"lanczos: start must be a finite nonzero vector, got one of norm {start_norm}.")
 
   def fresh(v):  # the product goes into the three-term step in place: never one of the basis' own arrays
     inputs = {id(x) for x in jax.tree.leaves(v)}
@@ -1543,9 +1543,9 @@ def hessian_eigenvalues(
 
   References: Lanczos (1950); Yao et al., "PyHessian" (2020).
   """
-  top_k, max_iters = _check_int("top_k", top_k, 1), _check_int("max_iters", max_iters, 1)
-  tol = _check_number("tol", tol, positive=False)
-  key = _check_key(key)
+  top_k, max_iters = _common.check_static_int(top_k, "top_k", "hessian_eigenvalues"), _common.check_static_int(max_iters, "max_iters", "hessian_eigenvalues")
+  tol = _common.check_nonnegative(tol, "tol", "hessian_eigenvalues")
+  key = _check_key(key, "hessian_eigenvalues")
   _check_reorthogonalize(reorthogonalize)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   top_k = min(top_k, operator.num_params)
@@ -1619,8 +1619,8 @@ def hessian_extremes(
       >>> round(lambda_max, 4), round(lambda_min, 4)
       (4.0, -0.5)
   """
-  tol, max_iters = _check_number("tol", tol, positive=False), _check_int("max_iters", max_iters, 1)
-  key = _check_key(key)
+  tol, max_iters = _common.check_nonnegative(tol, "tol", "hessian_extremes"), _common.check_static_int(max_iters, "max_iters", "hessian_extremes")
+  key = _check_key(key, "hessian_extremes")
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
   def worst(values, residuals):
@@ -1695,9 +1695,9 @@ def hessian_trace(
 
   Reference: Hutchinson (1989); Avron & Toledo (2011).
   """
-  num_samples = _check_int("num_samples", num_samples, 2)  # 2: a standard error needs two samples
-  block_size = _check_int("block_size", block_size, 1)
-  key = _check_key(key)
+  num_samples = _common.check_static_int(num_samples, "num_samples", "hessian_trace", minimum=2)  # 2: a standard error needs two
+  block_size = _common.check_static_int(block_size, "block_size", "hessian_trace")
+  key = _check_key(key, "hessian_trace")
   operator = hessian_operator(loss_fn, params, batches, jit=jit, linearize=False)  # forms need no HVP: no linearisation
   num_blocks = -(-num_samples // min(block_size, num_samples))
   block_size = -(-num_samples // num_blocks)  # as many calls, the least padding: 32 probes go as 4 x 8, not 4 x 10
@@ -1769,8 +1769,9 @@ def spectral_density(
   Arguments: ``num_iters >= 1`` (at most the number of parameters are
   done), ``num_runs >= 1``, ``num_bins >= 2``, ``sigma_squared > 0``,
   ``overhead >= 0``, ``block_size >= 1``; ``key`` as in
-  :func:`hessian_eigenvalues`. Anything else is a ``ValueError`` (a key of
-  the wrong kind a ``TypeError``) naming the argument, before any work.
+  :func:`hessian_eigenvalues`. Anything else fails before any work with a
+  ``ValueError`` (``TypeError`` for a value of the wrong type) naming the
+  argument.
 
   Returns :class:`SpectralDensity`: it unpacks as ``grid, density = ...``;
   ``.nodes`` and ``.weights`` are the quadrature of each run.
@@ -1785,11 +1786,11 @@ def spectral_density(
       >>> round(float(np.sum(density) * (grid[1] - grid[0])), 6)
       1.0
   """
-  num_iters, num_runs = _check_int("num_iters", num_iters, 1), _check_int("num_runs", num_runs, 1)
-  num_bins, block_size = _check_int("num_bins", num_bins, 2), _check_int("block_size", block_size, 1)
-  sigma_squared = _check_number("sigma_squared", sigma_squared, positive=True)
-  overhead = _check_number("overhead", overhead, positive=False)
-  key = _check_key(key)
+  num_iters, num_runs = _common.check_static_int(num_iters, "num_iters", "spectral_density"), _common.check_static_int(num_runs, "num_runs", "spectral_density")
+  num_bins, block_size = _common.check_static_int(num_bins, "num_bins", "spectral_density", minimum=2), _common.check_static_int(block_size, "block_size", "spectral_density")
+  sigma_squared = _check_positive(sigma_squared, "sigma_squared", "spectral_density")
+  overhead = _common.check_nonnegative(overhead, "overhead", "spectral_density")
+  key = _check_key(key, "spectral_density")
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   iterations = min(num_iters, operator.num_params)
   keys = jax.random.split(key, num_runs)
@@ -1855,11 +1856,11 @@ def sharpness_summary(
   13 s with 1, 36 s with 8, compilation included), for many probes of a big
   model the default is.
   """
-  trace_samples = _check_int("trace_samples", trace_samples, 2)
-  trace_block_size = _check_int("trace_block_size", trace_block_size, 1)
-  tol = _check_number("tol", tol, positive=False)
+  trace_samples = _common.check_static_int(trace_samples, "trace_samples", "sharpness_summary", minimum=2)
+  trace_block_size = _common.check_static_int(trace_block_size, "trace_block_size", "sharpness_summary")
+  tol = _common.check_nonnegative(tol, "tol", "sharpness_summary")
   batches = _as_batch_list(batches)
-  key_extremes, key_trace = jax.random.split(_check_key(key))
+  key_extremes, key_trace = jax.random.split(_check_key(key, "sharpness_summary"))
   extremes = hessian_extremes(loss_fn, params, batches, key=key_extremes, tol=tol, jit=jit)
   trace = hessian_trace(loss_fn, params, batches, trace_samples, key=key_trace, jit=jit, block_size=trace_block_size)
   return SharpnessSummary(extremes.lambda_max, extremes.lambda_min, extremes.ratio,

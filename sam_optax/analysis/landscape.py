@@ -6,13 +6,14 @@ loss is their mean weighted by batch size (see :mod:`sam_optax.analysis.hessian`
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax.analysis.hessian import LossFn, _as_batch_list, _check_int, _check_key, batch_size
+from sam_optax import _common
+from sam_optax.analysis.hessian import LossFn, _as_batch_list, _check_key, _check_shaped_like, batch_size
 
 
 def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional[str] = "biasbn") -> Any:
@@ -39,7 +40,7 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
   """
   if ignore not in ("biasbn", None):
     raise ValueError(f"ignore must be 'biasbn' or None, got {ignore!r}")
-  key = _check_key(key)
+  key = _check_key(key, "filter_normalized_direction")
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
   directions = []
@@ -57,16 +58,15 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
   return jax.tree.unflatten(treedef, directions)
 
 
-def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: Sequence[Any],
-             coordinates: np.ndarray, chunk_size: int) -> np.ndarray:
-  """Loss at ``params + sum_k c[k] * directions[k]`` for each row c of ``coordinates``."""
-  chunk_size = _check_int("chunk_size", chunk_size, 1)
+def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: dict[str, Any],
+             coordinates: np.ndarray, chunk_size: int, name: str) -> np.ndarray:
+  """Loss at ``params + sum_k c[k] * directions[k]`` for each row c of ``coordinates`` (``directions`` by
+  argument name, for the errors of ``name``)."""
+  chunk_size = _common.check_static_int(chunk_size, "chunk_size", name)
   batches = _as_batch_list(batches)
-  for name, direction in zip(("dir_x", "dir_y") if len(directions) == 2 else ("direction",), directions):
-    same = jax.tree.structure(direction) == jax.tree.structure(params) and all(
-        np.shape(d) == np.shape(w) for d, w in zip(jax.tree.leaves(direction), jax.tree.leaves(params)))
-    if not same:
-      raise ValueError(f"{name} must be a pytree shaped like params (same structure and leaf shapes)")
+  for argument, direction in directions.items():
+    _check_shaped_like(params, direction, argument, name)
+  vectors = list(directions.values())
   weights = np.array([batch_size(b) for b in batches], np.float64)
   weights /= weights.sum()
 
@@ -87,7 +87,7 @@ def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: Sequence[An
     if size < chunk_size:  # pad to one compiled shape
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], chunk_size - size, axis=0)])
     for weight, batch in zip(weights, batches):
-      total[start:start + size] += weight * np.asarray(chunk_losses(params, list(directions), chunk, batch))[:size]
+      total[start:start + size] += weight * np.asarray(chunk_losses(params, vectors, chunk, batch))[:size]
   return total
 
 
@@ -100,7 +100,7 @@ def loss_surface_1d(loss_fn: LossFn, params: Any, batches: Any, direction: Any, 
   each point holds one copy of the parameters).
   """
   alphas = np.asarray(alphas, np.float32).reshape(-1, 1)
-  return _surface(loss_fn, params, batches, [direction], alphas, chunk_size)
+  return _surface(loss_fn, params, batches, {"direction": direction}, alphas, chunk_size, "loss_surface_1d")
 
 
 def loss_surface_2d(loss_fn: LossFn, params: Any, batches: Any, dir_x: Any, dir_y: Any, xs: Any,
@@ -112,4 +112,5 @@ def loss_surface_2d(loss_fn: LossFn, params: Any, batches: Any, dir_x: Any, dir_
   """
   xs, ys = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
   grid = np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1).reshape(-1, 2)
-  return _surface(loss_fn, params, batches, [dir_x, dir_y], grid, chunk_size).reshape(len(xs), len(ys))
+  return _surface(loss_fn, params, batches, {"dir_x": dir_x, "dir_y": dir_y}, grid, chunk_size,
+                  "loss_surface_2d").reshape(len(xs), len(ys))
