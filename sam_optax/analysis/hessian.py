@@ -163,9 +163,9 @@ def _warn_unless_converged(name: str, worst: float, tol: float, max_iters: int, 
 
 def _relative_residuals(residuals: np.ndarray, scale: np.ndarray, tol: float) -> np.ndarray:
   """``residuals / (tol * scale)``: <= 1 is converged; with ``tol = 0`` only an exact zero residual is."""
-  bound = tol * np.maximum(scale, 1e-30)
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return np.where(bound > 0, residuals / np.where(bound > 0, bound, 1.0), np.where(residuals == 0, 0.0, np.inf))
+  if tol == 0:
+    return np.where(residuals == 0, 0.0, np.inf)
+  return residuals / (tol * np.maximum(scale, 1e-30))
 
 
 def _accumulation_dtype():
@@ -1290,15 +1290,16 @@ def lanczos(
       [1.0, 3.0]
   """
   if not callable(matvec):
-    raise TypeError(f"matvec must be a callable v -> H v, got {type(matvec).__name__}")
+    raise TypeError(f"lanczos: matvec must be a callable v -> H v, got {type(matvec).__name__}.")
   if converged is not None and not callable(converged):
-    raise TypeError(f"converged must be None or a callable (ritz_values, residuals) -> bool, got "
-                    f"{type(converged).__name__}")
-  max_iters, min_iters = _common.check_static_int(max_iters, "max_iters", "lanczos"), _common.check_static_int(min_iters, "min_iters", "lanczos")
+    raise TypeError(f"lanczos: converged must be None or a callable (ritz_values, residuals) -> bool, got "
+                    f"{type(converged).__name__}.")
+  max_iters = _common.check_static_int(max_iters, "max_iters", "lanczos")
+  min_iters = _common.check_static_int(min_iters, "min_iters", "lanczos")
   _check_reorthogonalize(reorthogonalize)
   start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
   if not jax.tree.leaves(start):
-    raise ValueError("start must be a pytree with at least one array leaf")
+    raise ValueError("lanczos: start must be a pytree with at least one array leaf.")
   start_norm = float(_JITTED.norm(start, False))
   if not (math.isfinite(start_norm) and start_norm > 0):
     raise ValueError(f"lanczos: start must be a finite nonzero vector, got one of norm {start_norm}.")
@@ -1461,7 +1462,7 @@ def _operator_lanczos(operator: HessianOperator, key: jax.Array, max_iters: int,
   reorthogonalize = _reorthogonalization_for(operator.params, reorthogonalize)
   start = _start_vector(operator, key)
   design = _iteration_design(operator)
-  max_iters = max(1, min(max_iters, operator.num_params))
+  max_iters = min(max_iters, operator.num_params)  # both >= 1: checked by the callers and hessian_operator
   if design == "loop":
     full = reorthogonalize == "full"
     alphas, betas, state, m, performed = _lanczos_in_loop(
@@ -1543,7 +1544,8 @@ def hessian_eigenvalues(
 
   References: Lanczos (1950); Yao et al., "PyHessian" (2020).
   """
-  top_k, max_iters = _common.check_static_int(top_k, "top_k", "hessian_eigenvalues"), _common.check_static_int(max_iters, "max_iters", "hessian_eigenvalues")
+  top_k = _common.check_static_int(top_k, "top_k", "hessian_eigenvalues")
+  max_iters = _common.check_static_int(max_iters, "max_iters", "hessian_eigenvalues")
   tol = _common.check_nonnegative(tol, "tol", "hessian_eigenvalues")
   key = _check_key(key, "hessian_eigenvalues")
   _check_reorthogonalize(reorthogonalize)
@@ -1619,7 +1621,8 @@ def hessian_extremes(
       >>> round(lambda_max, 4), round(lambda_min, 4)
       (4.0, -0.5)
   """
-  tol, max_iters = _common.check_nonnegative(tol, "tol", "hessian_extremes"), _common.check_static_int(max_iters, "max_iters", "hessian_extremes")
+  tol = _common.check_nonnegative(tol, "tol", "hessian_extremes")
+  max_iters = _common.check_static_int(max_iters, "max_iters", "hessian_extremes")
   key = _check_key(key, "hessian_extremes")
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
@@ -1695,7 +1698,7 @@ def hessian_trace(
 
   Reference: Hutchinson (1989); Avron & Toledo (2011).
   """
-  num_samples = _common.check_static_int(num_samples, "num_samples", "hessian_trace", minimum=2)  # 2: a standard error needs two
+  num_samples = _common.check_static_int(num_samples, "num_samples", "hessian_trace", minimum=2)  # a stderr needs 2
   block_size = _common.check_static_int(block_size, "block_size", "hessian_trace")
   key = _check_key(key, "hessian_trace")
   operator = hessian_operator(loss_fn, params, batches, jit=jit, linearize=False)  # forms need no HVP: no linearisation
@@ -1786,8 +1789,10 @@ def spectral_density(
       >>> round(float(np.sum(density) * (grid[1] - grid[0])), 6)
       1.0
   """
-  num_iters, num_runs = _common.check_static_int(num_iters, "num_iters", "spectral_density"), _common.check_static_int(num_runs, "num_runs", "spectral_density")
-  num_bins, block_size = _common.check_static_int(num_bins, "num_bins", "spectral_density", minimum=2), _common.check_static_int(block_size, "block_size", "spectral_density")
+  num_iters = _common.check_static_int(num_iters, "num_iters", "spectral_density")
+  num_runs = _common.check_static_int(num_runs, "num_runs", "spectral_density")
+  num_bins = _common.check_static_int(num_bins, "num_bins", "spectral_density", minimum=2)
+  block_size = _common.check_static_int(block_size, "block_size", "spectral_density")
   sigma_squared = _check_positive(sigma_squared, "sigma_squared", "spectral_density")
   overhead = _common.check_nonnegative(overhead, "overhead", "spectral_density")
   key = _check_key(key, "spectral_density")
