@@ -30,8 +30,13 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import optax
+import flax
 from flax import nnx
 from flax.training import train_state
+
+if not hasattr(nnx, "as_pure"):  # flax < 0.12.7
+  raise ImportError(f"sam_optax.flax_utils needs flax>=0.12.7 (nnx.as_pure), found flax {flax.__version__}: "
+                    "pip install -U 'flax>=0.12.7'.")
 
 
 class SAMTrainState(train_state.TrainState):
