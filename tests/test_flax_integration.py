@@ -5,6 +5,9 @@ SAM / F-SAM written with plain ``jax.grad`` (eps = rho g / ||g|| computed here,
 never by sam_optax): params, BatchNorm statistics and dropout rng counts.
 """
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -413,3 +416,14 @@ def test_value_and_grad_logs_the_sam_loss_nnx_and_linen(digits, method):
   np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
   assert_trees_close(state.params, want_params)
   assert_trees_close(state.batch_stats, want_stats)
+
+
+def test_an_older_flax_is_named_at_import():
+  """flax_utils needs ``nnx.as_pure`` (flax 0.12.7): without it the import says which flax to install.
+
+  A fresh interpreter whose flax lacks ``nnx.as_pure`` (removed here, as in flax <= 0.12.6).
+  """
+  program = "from flax import nnx\ndel nnx.as_pure\nimport sam_optax.flax_utils\n"
+  completed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+  assert completed.returncode != 0
+  assert "ImportError: sam_optax.flax_utils needs flax>=0.12.7" in completed.stderr, completed.stderr[-2000:]
