@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
+import flax
 import jax
 import optax
-import flax
 from flax import nnx
 from flax.training import train_state
 
