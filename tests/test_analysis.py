@@ -245,6 +245,50 @@ def test_bad_batches_are_rejected():
     analysis.hessian_extremes(loss_fn, PARAMS, [], key=jax.random.key(0))
 
 
+_ENTRY_POINTS = {
+    "hessian_operator": lambda loss, params, batches: analysis.hessian_operator(loss, params, batches),
+    "hessian_eigenvalues": lambda loss, params, batches: analysis.hessian_eigenvalues(
+        loss, params, batches, key=jax.random.key(0)),
+    "hessian_extremes": lambda loss, params, batches: analysis.hessian_extremes(
+        loss, params, batches, key=jax.random.key(0)),
+    "hessian_trace": lambda loss, params, batches: analysis.hessian_trace(loss, params, batches, key=jax.random.key(0)),
+    "spectral_density": lambda loss, params, batches: analysis.spectral_density(
+        loss, params, batches, key=jax.random.key(0)),
+    "sharpness_summary": lambda loss, params, batches: analysis.sharpness_summary(
+        loss, params, batches, key=jax.random.key(0)),
+    "loss_surface_1d": lambda loss, params, batches: analysis.loss_surface_1d(
+        loss, params, batches, jax.tree.map(jnp.ones_like, params), [0.0]),
+    "loss_surface_2d": lambda loss, params, batches: analysis.loss_surface_2d(
+        loss, params, batches, jax.tree.map(jnp.ones_like, params), jax.tree.map(jnp.ones_like, params), [0.0], [0.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ENTRY_POINTS))
+@pytest.mark.parametrize("batches, error, match", [
+    # one batch passed bare: iterating an array would make every example (row) a batch of its own
+    (jnp.ones((4, 4)), TypeError, r"batches must be a sequence \(or iterable\) of batches, got type ArrayImpl; wrap"),
+    (np.ones((4, 4)), TypeError, "batches must be a sequence .* got type ndarray"),
+    ({"x": jnp.ones((4, 4))}, TypeError, "batches must be a sequence .* got type dict"),
+    (3.0, TypeError, "batches must be a sequence"),
+    ([], ValueError, "batches is empty"),
+    ([jnp.ones((2, 4)), jnp.float32(1.0)], ValueError, r"batches\[1\] must be a pytree whose first leaf has a leading"),
+])
+def test_every_entry_point_names_itself_and_batches(name, batches, error, match):
+  """Each public analysis function checks ``batches`` before any work, and the message starts with its name."""
+  loss = lambda w, batch: 0.5 * jnp.sum(jnp.mean(batch, axis=0) * w ** 2)  # noqa: E731
+  with pytest.raises(error, match=f"^{name}: {match}"):
+    _ENTRY_POINTS[name](loss, jnp.ones(4), batches)
+
+
+@pytest.mark.parametrize("name", sorted(_ENTRY_POINTS))
+def test_every_entry_point_names_itself_for_loss_fn_and_params(name):
+  batches = [jnp.ones((2, 4))]
+  with pytest.raises(TypeError, match=f"^{name}: loss_fn must be a callable"):
+    _ENTRY_POINTS[name]("loss", jnp.ones(4), batches)
+  with pytest.raises(TypeError, match=f"^{name}: params must be a non-empty pytree of floating-point arrays"):
+    _ENTRY_POINTS[name](lambda w, b: jnp.sum(w), jnp.ones(4, jnp.int32), batches)
+
+
 _KEY = jax.random.key(0)
 _DIAGONAL_LOSS = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)  # noqa: E731  H = diag(batch)
 _ARGS = (_DIAGONAL_LOSS, jnp.ones(4), [jnp.arange(1.0, 5.0)])

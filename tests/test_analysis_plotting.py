@@ -34,3 +34,16 @@ def test_plots_are_written(tmp_path, results):
   # Two models share a figure: the contour figure has two panels side by side.
   single = plotting.plot_loss_contour({"sam": results["surfaces"]["sam"]}, str(tmp_path / "one.png"))
   assert matplotlib.image.imread(paths[2]).shape[1] > 1.5 * matplotlib.image.imread(single).shape[1]
+
+
+@pytest.mark.parametrize("name, argument", [
+    ("plot_spectral_density", "densities"), ("plot_loss_surface_1d", "surfaces"),
+    ("plot_loss_contour", "surfaces"), ("plot_loss_surface_3d", "surfaces")])
+def test_bad_results_are_rejected_by_name(tmp_path, name, argument):
+  """A list or an empty mapping is refused before matplotlib is touched, and nothing is written."""
+  path = tmp_path / "never.png"
+  with pytest.raises(TypeError, match=f"^{name}: {argument} must be a mapping label -> .*got type list"):
+    getattr(plotting, name)([np.ones(3)], str(path))
+  with pytest.raises(ValueError, match=f"^{name}: {argument} is empty"):
+    getattr(plotting, name)({}, str(path))
+  assert not path.exists()

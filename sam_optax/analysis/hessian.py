@@ -81,7 +81,7 @@ import functools
 import math
 import warnings
 import weakref
-from typing import Any, Callable, ClassVar, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -110,13 +110,35 @@ def batch_size(batch: Any) -> int:
   return int(np.shape(leaves[0])[0])
 
 
-def _as_batch_list(batches: Any) -> list:
-  if isinstance(batches, dict) or not isinstance(batches, Iterable):
-    raise TypeError("batches must be a sequence (or iterable) of batches; wrap a single batch as [batch]")
+def _as_batch_list(batches: Any, name: str) -> list:
+  """``batches`` as a list, each batch checked for a leading batch dimension (errors name ``name``)."""
+  # A mapping or an array is one batch, not a sequence of them: iterating it would silently make each key or
+  # each example a batch.
+  if isinstance(batches, (Mapping, np.ndarray, jax.Array)) or not isinstance(batches, Iterable):
+    raise TypeError(f"{name}: batches must be a sequence (or iterable) of batches, got type "
+                    f"{type(batches).__name__}; wrap a single batch as [batch].")
   batches = list(batches)
   if not batches:
-    raise ValueError("batches is empty")
+    raise ValueError(f"{name}: batches is empty; pass at least one batch.")
+  for index, batch in enumerate(batches):
+    leaves = jax.tree.leaves(batch)
+    if not leaves or np.ndim(leaves[0]) == 0:
+      raise ValueError(f"{name}: batches[{index}] must be a pytree whose first leaf has a leading batch "
+                       f"dimension, got {type(batch).__name__} with first leaf shape "
+                       f"{np.shape(leaves[0]) if leaves else None}.")
   return batches
+
+
+def _check_problem(loss_fn: Any, params: Any, batches: Any, name: str) -> tuple[Any, list]:
+  """The checks shared by every entry point: ``loss_fn`` callable, ``params`` floating point, ``batches``."""
+  if not callable(loss_fn):
+    raise TypeError(f"{name}: loss_fn must be a callable loss_fn(params, batch) -> scalar, got "
+                    f"{type(loss_fn).__name__}.")
+  params = jax.tree.map(jnp.asarray, params)
+  if not jax.tree.leaves(params) or any(not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params)):
+    raise TypeError(f"{name}: params must be a non-empty pytree of floating-point arrays, got leaves of dtypes "
+                    f"{sorted({str(x.dtype) for x in jax.tree.leaves(params)})}.")
+  return params, _as_batch_list(batches, name)
 
 
 # Argument checks of the public functions: a clear error naming the argument, before any work (the core's
@@ -644,13 +666,7 @@ def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = 
       >>> operator.matvec(jnp.ones(2))
       Array([2., 3.], dtype=float32)
   """
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be a callable loss_fn(params, batch) -> scalar, got {type(loss_fn).__name__}")
-  batches = _as_batch_list(batches)
-  params = jax.tree.map(jnp.asarray, params)
-  if not jax.tree.leaves(params) or any(not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params)):
-    raise TypeError("params must be a non-empty pytree of floating-point arrays, got leaves of dtypes "
-                    f"{sorted({str(x.dtype) for x in jax.tree.leaves(params)})}")
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_operator")
   weights = np.array([batch_size(b) for b in batches], np.float64)
   weights = _scalars_beside(params, weights / weights.sum())
   num_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
@@ -1549,6 +1565,7 @@ def hessian_eigenvalues(
   tol = _common.check_nonnegative(tol, "tol", "hessian_eigenvalues")
   key = _check_key(key, "hessian_eigenvalues")
   _check_reorthogonalize(reorthogonalize)
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_eigenvalues")
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   top_k = min(top_k, operator.num_params)
   if max_iters < top_k:
@@ -1624,6 +1641,7 @@ def hessian_extremes(
   tol = _common.check_nonnegative(tol, "tol", "hessian_extremes")
   max_iters = _common.check_static_int(max_iters, "max_iters", "hessian_extremes")
   key = _check_key(key, "hessian_extremes")
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_extremes")
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
   def worst(values, residuals):
@@ -1701,6 +1719,7 @@ def hessian_trace(
   num_samples = _common.check_static_int(num_samples, "num_samples", "hessian_trace", minimum=2)  # a stderr needs 2
   block_size = _common.check_static_int(block_size, "block_size", "hessian_trace")
   key = _check_key(key, "hessian_trace")
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_trace")
   operator = hessian_operator(loss_fn, params, batches, jit=jit, linearize=False)  # forms need no HVP: no linearisation
   num_blocks = -(-num_samples // min(block_size, num_samples))
   block_size = -(-num_samples // num_blocks)  # as many calls, the least padding: 32 probes go as 4 x 8, not 4 x 10
@@ -1796,6 +1815,7 @@ def spectral_density(
   sigma_squared = _check_positive(sigma_squared, "sigma_squared", "spectral_density")
   overhead = _common.check_nonnegative(overhead, "overhead", "spectral_density")
   key = _check_key(key, "spectral_density")
+  params, batches = _check_problem(loss_fn, params, batches, "spectral_density")
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   iterations = min(num_iters, operator.num_params)
   keys = jax.random.split(key, num_runs)
@@ -1864,7 +1884,7 @@ def sharpness_summary(
   trace_samples = _common.check_static_int(trace_samples, "trace_samples", "sharpness_summary", minimum=2)
   trace_block_size = _common.check_static_int(trace_block_size, "trace_block_size", "sharpness_summary")
   tol = _common.check_nonnegative(tol, "tol", "sharpness_summary")
-  batches = _as_batch_list(batches)
+  params, batches = _check_problem(loss_fn, params, batches, "sharpness_summary")
   key_extremes, key_trace = jax.random.split(_check_key(key, "sharpness_summary"))
   extremes = hessian_extremes(loss_fn, params, batches, key=key_extremes, tol=tol, jit=jit)
   trace = hessian_trace(loss_fn, params, batches, trace_samples, key=key_trace, jit=jit, block_size=trace_block_size)

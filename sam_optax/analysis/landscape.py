@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_optax import _common
-from sam_optax.analysis.hessian import LossFn, _as_batch_list, _check_key, _check_shaped_like, batch_size
+from sam_optax.analysis.hessian import LossFn, _check_key, _check_problem, _check_shaped_like, batch_size
 
 
 def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional[str] = "biasbn") -> Any:
@@ -34,6 +34,17 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
 
   Returns:
     A pytree like ``params`` (same dtypes).
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> params = {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]]), "bias": jnp.ones(2)}
+      >>> d = analysis.filter_normalized_direction(params, jax.random.key(0))
+      >>> [round(float(x), 4) for x in jnp.linalg.norm(d["kernel"], axis=0)]   # ||w[:, i]|| = 5, 1
+      [5.0, 1.0]
+      >>> d["bias"]                                                          # ignore="biasbn"
+      Array([0., 0.], dtype=float32)
 
   Reference: Li, Xu, Taylor, Studer, Goldstein, "Visualizing the Loss
   Landscape of Neural Nets", NeurIPS 2018.
@@ -63,7 +74,7 @@ def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: dict[str, A
   """Loss at ``params + sum_k c[k] * directions[k]`` for each row c of ``coordinates`` (``directions`` by
   argument name, for the errors of ``name``)."""
   chunk_size = _common.check_static_int(chunk_size, "chunk_size", name)
-  batches = _as_batch_list(batches)
+  params, batches = _check_problem(loss_fn, params, batches, name)
   for argument, direction in directions.items():
     _check_shaped_like(params, direction, argument, name)
   vectors = list(directions.values())
@@ -93,11 +104,44 @@ def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: dict[str, A
 
 def loss_surface_1d(loss_fn: LossFn, params: Any, batches: Any, direction: Any, alphas: Any,
                     *, chunk_size: int = 16) -> np.ndarray:
-  """``L(params + alpha * direction)`` for each ``alpha``: shape ``(len(alphas),)``.
+  """``f(alpha) = L(params + alpha * direction)`` for each ``alpha``: shape ``(len(alphas),)``.
 
-  Grid points are evaluated ``chunk_size`` at a time with ``jax.vmap`` inside
-  one jitted call per chunk and batch (lower ``chunk_size`` if memory is short:
-  each point holds one copy of the parameters).
+  ``L = sum_b (n_b / N) L_b`` is the batch-size-weighted mean of
+  ``loss_fn(point, batch)`` over ``batches``, accumulated in float64 on the
+  host (one float32 scalar per point and batch). With ``direction`` from
+  :func:`filter_normalized_direction` this is the 1D filter-normalized plot of
+  Li et al. (2018); with ``direction = params_b - params`` and
+  ``alphas = linspace(0, 1)`` it is the linear interpolation of Goodfellow et
+  al. (2015). Grid points are evaluated ``chunk_size`` at a time with
+  ``jax.vmap`` inside one jitted call per chunk and batch (lower
+  ``chunk_size`` if memory is short: each point holds one copy of the
+  parameters). The last chunk is padded to ``chunk_size`` so one program serves
+  every chunk.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
+    params: the centre point (a pytree of floating-point arrays).
+    batches: a sequence (or iterable) of batches, ``[batch]`` for one; a
+      batch is a pytree whose leaves carry its examples on axis 0.
+    direction: a pytree shaped like ``params``.
+    alphas: the step sizes, any array-like (flattened).
+    chunk_size: grid points per call, default 16.
+
+  Returns:
+    A float64 ``numpy`` array, ``out[i] = f(alphas[i])``.
+
+  Example::
+
+      >>> import jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.mean(batch * w ** 2)
+      >>> analysis.loss_surface_1d(loss_fn, jnp.ones(2), [jnp.array([2.0, 4.0])], jnp.ones(2), [-1.0, 0.0, 1.0])
+      array([0. , 1.5, 6. ])
+
+  References: Li, Xu, Taylor, Studer, Goldstein, "Visualizing the Loss
+  Landscape of Neural Nets", NeurIPS 2018; Goodfellow, Vinyals, Saxe,
+  "Qualitatively characterizing neural network optimization problems",
+  ICLR 2015.
   """
   alphas = np.asarray(alphas, np.float32).reshape(-1, 1)
   return _surface(loss_fn, params, batches, {"direction": direction}, alphas, chunk_size, "loss_surface_1d")
@@ -105,10 +149,39 @@ def loss_surface_1d(loss_fn: LossFn, params: Any, batches: Any, direction: Any, 
 
 def loss_surface_2d(loss_fn: LossFn, params: Any, batches: Any, dir_x: Any, dir_y: Any, xs: Any,
                     ys: Any, *, chunk_size: int = 16) -> np.ndarray:
-  """``L(params + x * dir_x + y * dir_y)`` on a grid: ``out[i, j]`` is at ``(xs[i], ys[j])``.
+  """``f(x, y) = L(params + x * dir_x + y * dir_y)`` on a grid: ``out[i, j] = f(xs[i], ys[j])``.
 
-  Shape ``(len(xs), len(ys))``; evaluated in vmapped chunks as
-  :func:`loss_surface_1d`.
+  Shape ``(len(xs), len(ys))``; ``L`` and the vmapped chunks as in
+  :func:`loss_surface_1d`. Two independent draws of
+  :func:`filter_normalized_direction` give the 2D contour plots of Li et al.
+  (2018) (:func:`sam_optax.analysis.plotting.plot_loss_contour` draws
+  ``(xs, ys, out)``).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
+    params: the centre point (a pytree of floating-point arrays).
+    batches: a sequence (or iterable) of batches, ``[batch]`` for one.
+    dir_x: a pytree shaped like ``params``, the first axis.
+    dir_y: a pytree shaped like ``params``, the second axis.
+    xs: the coordinates along ``dir_x`` (array-like, flattened).
+    ys: the coordinates along ``dir_y`` (array-like, flattened).
+    chunk_size: grid points per call, default 16.
+
+  Returns:
+    A float64 ``numpy`` array of shape ``(len(xs), len(ys))``.
+
+  Example::
+
+      >>> import jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)     # w = (x, y)
+      >>> analysis.loss_surface_2d(loss_fn, jnp.zeros(2), [jnp.array([1.0, 2.0])],
+      ...                          jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]), [0.0, 2.0], [0.0, 1.0])
+      array([[0., 1.],
+             [2., 3.]])
+
+  Reference: Li, Xu, Taylor, Studer, Goldstein, "Visualizing the Loss
+  Landscape of Neural Nets", NeurIPS 2018.
   """
   xs, ys = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
   grid = np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1).reshape(-1, 2)
