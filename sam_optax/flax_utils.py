@@ -108,19 +108,30 @@ def make_linen_train_step(loss_fn: LinenLoss) -> Callable[..., Any]:
 
   Example::
 
-      def loss_fn(params, batch, batch_stats, dropout_rng):
-        logits, updates = model.apply(
-            {'params': params, 'batch_stats': batch_stats}, batch['x'], train=True,
-            rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['y']).mean()
-        return loss, updates['batch_stats']
-
-      tx = optax.chain(sam_optax.sam_perturb(make_linen_grad_fn(loss_fn), rho=0.05),
-                       optax.sgd(0.1, momentum=0.9))
-      state = SAMTrainState.create(apply_fn=model.apply, params=variables['params'],
-                                   batch_stats=variables['batch_stats'], tx=tx)
-      train_step = jax.jit(make_linen_train_step(loss_fn))
-      state, loss = train_step(state, batch, jax.random.key(0))
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x, train):
+      ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+      ...     return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(nn.relu(x)))
+      >>> model = Net()
+      >>> variables = model.init(jax.random.key(0), jnp.ones((4, 3)), train=False)
+      >>> def loss_fn(params, batch, batch_stats, dropout_rng):
+      ...   logits, updates = model.apply(
+      ...       {'params': params, 'batch_stats': batch_stats}, batch['x'], train=True,
+      ...       rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+      ...   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['y']).mean()
+      ...   return loss, updates['batch_stats']
+      >>> tx = optax.chain(sam_optax.sam_perturb(make_linen_grad_fn(loss_fn), rho=0.05),
+      ...                  optax.sgd(0.1, momentum=0.9))
+      >>> state = SAMTrainState.create(apply_fn=model.apply, params=variables['params'],
+      ...                              batch_stats=variables['batch_stats'], tx=tx)
+      >>> train_step = jax.jit(make_linen_train_step(loss_fn))
+      >>> batch = {'x': jnp.arange(12.0).reshape(4, 3), 'y': jnp.array([0, 1, 0, 1])}
+      >>> state, loss = train_step(state, batch, jax.random.key(1))
+      >>> int(state.step), loss.shape
+      (1, ())
   """
   _check_callable(loss_fn, "make_linen_train_step")
 
@@ -170,6 +181,23 @@ def nnx_state_snapshot(model_or_state: Any, wrt: Any = nnx.Param) -> NNXStateSna
   Returns:
     ``NNXStateSnapshot(nnx.as_pure(nnx.state(model, nnx.Not(wrt))))``, plain
     arrays that later runs of the model do not change.
+
+  Example::
+
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.linear = nnx.Linear(3, 2, rngs=rngs)
+      ...     self.dropout = nnx.Dropout(0.5, rngs=rngs)
+      ...   def __call__(self, x):
+      ...     return self.dropout(self.linear(x))
+      >>> model = Net(nnx.Rngs(0))
+      >>> snapshot = nnx_state_snapshot(model)
+      >>> live = nnx.state(model, nnx.Not(nnx.Param))
+      >>> _ = model(jnp.ones((2, 3)))            # pass 1 draws a dropout mask
+      >>> int(live['dropout']['rngs']['count'][...]), int(snapshot.state['dropout']['rngs']['count'])
+      (1, 0)
   """
   if isinstance(model_or_state, NNXStateSnapshot):
     return model_or_state

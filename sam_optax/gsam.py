@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -72,8 +73,9 @@ def gsam_perturb(
       >>> tx = optax.chain(sam_optax.gsam_perturb(grad_fn, rho=rho, alpha=0.1), optax.sgd(lr))
 
   Reference:
-    Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization",
-    ICLR 2022.
+    Zhuang et al., "Surrogate Gap Minimization Improves Sharpness-Aware
+    Training", ICLR 2022 (the method is named Surrogate Gap Guided
+    Sharpness-Aware Minimization, GSAM).
   """
   name = "gsam_perturb"
   second_pass = make_second_pass(
@@ -100,6 +102,16 @@ def gsam_perturb(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _finite(value: Any, argument: str) -> float:
+  try:
+    value = float(value)
+  except (TypeError, ValueError) as error:
+    raise TypeError(f"rho_schedule_from_learning_rate: {argument} must be a number, got {value!r}.") from error
+  if not math.isfinite(value):
+    raise ValueError(f"rho_schedule_from_learning_rate: {argument} must be finite, got {value!r}.")
+  return value
+
+
 def rho_schedule_from_learning_rate(
     learning_rate: optax.ScalarOrSchedule,
     rho_max: float,
@@ -122,15 +134,31 @@ def rho_schedule_from_learning_rate(
   Returns:
     An optax schedule of the step count, to pass as ``rho=`` to any
     ``*_perturb`` transformation.
+
+  Example::
+
+      >>> import optax, sam_optax
+      >>> lr = optax.linear_schedule(0.1, 0.0, transition_steps=100)
+      >>> rho = sam_optax.rho_schedule_from_learning_rate(lr, rho_max=0.05, rho_min=0.01)
+      >>> [round(float(rho(t)), 4) for t in (0, 50, 100)]
+      [0.05, 0.03, 0.01]
+
+  Reference: Zhuang et al., "Surrogate Gap Minimization Improves
+  Sharpness-Aware Training", ICLR 2022 (GSAM), whose experiments schedule
+  rho this way.
   """
-  if rho_min < 0 or rho_max < rho_min:
+  name = "rho_schedule_from_learning_rate"
+  rho_max = _common.check_nonnegative(rho_max, "rho_max", name)
+  rho_min = _common.check_nonnegative(rho_min, "rho_min", name)
+  if rho_max < rho_min:
     raise ValueError(
         f"rho_schedule_from_learning_rate: need 0 <= rho_min <= rho_max, got "
         f"rho_min={rho_min!r}, rho_max={rho_max!r}."
     )
   schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
-  lr_max = float(schedule(0)) if lr_max is None else float(lr_max)
-  lr_min = 0.0 if lr_min is None else float(lr_min)
+  lr_max = _finite(schedule(0) if lr_max is None else lr_max, "lr_max" if lr_max is not None else
+                   "learning_rate(0) (the default lr_max)")
+  lr_min = _finite(0.0 if lr_min is None else lr_min, "lr_min")
   if lr_max <= lr_min:
     raise ValueError(
         f"rho_schedule_from_learning_rate: need lr_max > lr_min, got lr_max={lr_max!r}, "

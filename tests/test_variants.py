@@ -95,6 +95,27 @@ class GSAMTest(chex.TestCase):
       )
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rho_max=float("nan")), ValueError, "rho_max must be finite and >= 0, got rho_max=nan"),
+    (dict(rho_max=-0.1), ValueError, "rho_max must be finite and >= 0"),
+    (dict(rho_max=0.1, rho_min=float("nan")), ValueError, "rho_min must be finite and >= 0"),
+    (dict(rho_max=0.01, rho_min=0.1), ValueError, "need 0 <= rho_min <= rho_max"),
+    (dict(rho_max=None), TypeError, "rho_max must be a number"),
+    (dict(rho_max=0.1, lr_max=float("inf")), ValueError, "lr_max must be finite"),
+    (dict(rho_max=0.1, lr_min="zero"), TypeError, "lr_min must be a number"),
+    (dict(rho_max=0.1, lr_max=0.1, lr_min=0.1), ValueError, "need lr_max > lr_min"),
+])
+def test_rho_schedule_from_learning_rate_rejects_bad_arguments_by_name(kwargs, error, match):
+  """NaN radii used to pass (0 <= nan is False both ways) and made every rho(t) NaN."""
+  with pytest.raises(error, match=f"^rho_schedule_from_learning_rate: {match}"):
+    sam_optax.rho_schedule_from_learning_rate(optax.linear_schedule(0.1, 0.0, 10), **kwargs)
+
+
+def test_rho_schedule_from_a_non_finite_learning_rate_is_refused():
+  with pytest.raises(ValueError, match=r"learning_rate\(0\) \(the default lr_max\) must be finite"):
+    sam_optax.rho_schedule_from_learning_rate(lambda count: float("nan"), 0.1)
+
+
 def numpy_looksam(w, matrices, rho, k, alpha, lr):
   """LookSAM + plain SGD, written from Liu et al. 2022, Algorithm 2."""
   g_v = np.zeros_like(w)

@@ -1880,6 +1880,34 @@ def sharpness_summary(
   ``trace_block_size=1`` is faster overall (WideResNet-10-1 on 128 digits:
   13 s with 1, 36 s with 8, compilation included), for many probes of a big
   model the default is.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar mean loss``.
+    params: where the Hessian is taken.
+    batches: a sequence of batches (``[batch]`` for one).
+    key: a PRNG key, split between the two estimates.
+    trace_samples: Hutchinson probes, default 32 (at least 2, for the
+      standard error).
+    tol: Lanczos tolerance of :func:`hessian_extremes`, default 1e-4.
+    jit: jit the products, default True.
+    trace_block_size: probes per call of :func:`hessian_trace`, default 10.
+
+  Returns:
+    :class:`SharpnessSummary` ``(lambda_max, lambda_min, lambda_ratio, trace,
+    trace_stderr, num_hvps)``.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from sam_optax import analysis
+      >>> loss_fn = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)   # H = diag(1, 2, 3)
+      >>> summary = analysis.sharpness_summary(loss_fn, jnp.ones(3), [jnp.array([1.0, 2.0, 3.0])],
+      ...                                      key=jax.random.key(0))
+      >>> [round(x, 4) for x in summary[:5]]
+      [3.0, 1.0, 3.0, 6.0, 0.0]
+
+  Reference: the quantities of Table I of the SAM study in
+  ``benchmarks/study.md``; Yao et al., "PyHessian", 2020.
   """
   trace_samples = _common.check_static_int(trace_samples, "trace_samples", "sharpness_summary", minimum=2)
   trace_block_size = _common.check_static_int(trace_block_size, "trace_block_size", "sharpness_summary")
