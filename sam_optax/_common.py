@@ -32,6 +32,23 @@ def is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def check_flag(value: Any, argument: str, name: str) -> bool:
+  """A Python (or numpy) bool: a string such as ``"false"`` or ``None`` would otherwise pass as its truth value."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name}: {argument} must be True or False, got {value!r}.")
+  return bool(value)
+
+
+def _real(value: Any, argument: str, name: str, expected: str) -> float:
+  """``float(value)`` for a real number (not a bool or a string, which ``float`` would also take)."""
+  if isinstance(value, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"{name}: {argument} must be {expected}, got {value!r}.")
+  try:
+    return float(value)
+  except (TypeError, ValueError) as error:
+    raise TypeError(f"{name}: {argument} must be {expected}, got {value!r}.") from error
+
+
 def check_rho(rho: ScalarOrSchedule, name: str) -> None:
   """Rejects a negative or non-finite ``rho`` (a schedule is checked at 0).
 
@@ -46,8 +63,9 @@ def check_rho(rho: ScalarOrSchedule, name: str) -> None:
       value = float(value)
     except Exception:  # pylint: disable=broad-except  # traced-only schedules
       return
-  elif isinstance(rho, numbers.Real) or (
+  elif (isinstance(rho, numbers.Real) and not isinstance(rho, (bool, np.bool_))) or (
       hasattr(rho, "shape") and getattr(rho, "shape", None) == ()
+      and not jnp.issubdtype(getattr(rho, "dtype", float), jnp.bool_)
   ):
     value = float(rho)
   else:
@@ -66,10 +84,7 @@ def check_nonnegative(value: Any, argument: str, name: str) -> Any:
   """``float(value)`` after checking it is finite and >= 0; a traced value passes as is."""
   if is_traced(value):
     return value
-  try:
-    value = float(value)
-  except (TypeError, ValueError) as error:
-    raise TypeError(f"{name}: {argument} must be a number, got {value!r}.") from error
+  value = _real(value, argument, name, "a number")
   if not math.isfinite(value) or value < 0:
     raise ValueError(f"{name}: {argument} must be finite and >= 0, got {argument}={value!r}.")
   return value
@@ -125,10 +140,7 @@ def check_unit_interval(value: Any, argument: str, name: str) -> Any:
   """``float(value)`` in [0, 1); a traced value passes as is."""
   if is_traced(value):
     return value
-  try:
-    value = float(value)
-  except (TypeError, ValueError) as error:
-    raise TypeError(f"{name}: {argument} must be a number in [0, 1), got {value!r}.") from error
+  value = _real(value, argument, name, "a number in [0, 1)")
   if not 0.0 <= value < 1.0:
     raise ValueError(f"{name}: {argument} must be in [0, 1), got {argument}={value!r}.")
   return value
@@ -259,8 +271,7 @@ def make_grad_caller(
   (and, with ``value_and_grad``, that a scalar loss comes first).
   """
   check_callable(grad_fn, name)
-  if not isinstance(value_and_grad, bool):
-    raise TypeError(f"{name}: value_and_grad must be a bool, got {value_and_grad!r}.")
+  value_and_grad = check_flag(value_and_grad, "value_and_grad", name)
   signature = _GradFnSignature(grad_fn)
 
   def select(extra_args: Mapping[str, Any]) -> dict:

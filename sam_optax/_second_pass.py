@@ -70,6 +70,8 @@ def make_second_pass(
   _common.check_rho(rho, name)
   _common.dual_exponent(p, name)
   _common.check_nonnegative(eps, "eps", name)
+  adaptive = _common.check_flag(adaptive, "adaptive", name)
+  sync_perturbation = _common.check_flag(sync_perturbation, "sync_perturbation", name)
   batch_argnames = _batch.check_batch_argnames(batch_argnames, name)
   if group_size is not None:
     group_size = _common.check_static_int(group_size, "group_size", name)

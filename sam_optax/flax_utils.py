@@ -34,6 +34,8 @@ import optax
 from flax import nnx
 from flax.training import train_state
 
+from sam_optax import _common
+
 if not hasattr(nnx, "as_pure"):  # flax < 0.12.7
   raise ImportError(f"sam_optax.flax_utils needs flax>=0.12.7 (nnx.as_pure), found flax {flax.__version__}: "
                     "pip install -U 'flax>=0.12.7'.")
@@ -84,6 +86,7 @@ def make_linen_grad_fn(loss_fn: LinenLoss, *, value_and_grad: bool = False) -> C
     passes see the same dropout mask (:func:`make_linen_train_step` does).
   """
   _check_callable(loss_fn, "make_linen_grad_fn")
+  value_and_grad = _common.check_flag(value_and_grad, "value_and_grad", "make_linen_grad_fn")
 
   def grad_fn(params, batch, batch_stats=None, dropout_rng=None):
     loss, gradient = jax.value_and_grad(lambda p: loss_fn(p, batch, batch_stats, dropout_rng)[0])(params)
@@ -250,6 +253,7 @@ def make_nnx_grad_fn(
       loss = train_step(model, optimizer, batch)
   """
   _check_callable(loss_fn, "make_nnx_grad_fn")
+  value_and_grad = _common.check_flag(value_and_grad, "value_and_grad", "make_nnx_grad_fn")
   if isinstance(graphdef, nnx.Module):
     raise TypeError("make_nnx_grad_fn: graphdef must be the model's graph definition, "
                     "nnx.graphdef(model), not the model itself.")

@@ -139,6 +139,7 @@ def perturbation(
       >>> sam_optax.perturbation(g, rho=0.5)['w']
       Array([0.3, 0.4], dtype=float32)
   """
+  adaptive = _common.check_flag(adaptive, "adaptive", "perturbation")
   if adaptive and params is None:
     raise ValueError("perturbation: adaptive=True (ASAM) needs params.")
   rho = jnp.asarray(rho)

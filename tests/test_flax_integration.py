@@ -322,6 +322,15 @@ def test_nnx_live_state_pattern_fails_loudly_and_a_late_snapshot_differs():
   assert difference > 1e-3
 
 
+def test_builders_refuse_a_flag_that_is_not_a_bool():
+  """``value_and_grad="false"`` would have made grad_fn return (loss, gradient) where a gradient is expected."""
+  with pytest.raises(TypeError, match="^make_linen_grad_fn: value_and_grad must be True or False, got 'false'"):
+    make_linen_grad_fn(lambda params, batch, stats, rng: (0.0, stats), value_and_grad="false")
+  model = TinyNNX(nnx.Rngs(0))
+  with pytest.raises(TypeError, match="^make_nnx_grad_fn: value_and_grad must be True or False, got 1"):
+    make_nnx_grad_fn(nnx_loss, nnx.graphdef(model), value_and_grad=1)
+
+
 def test_nnx_grad_fn_needs_model_state_and_a_snapshot():
   model = TinyNNX(nnx.Rngs(0))
   grad_fn = make_nnx_grad_fn(nnx_loss, nnx.graphdef(model))

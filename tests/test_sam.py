@@ -342,3 +342,36 @@ class BadInputTest(chex.TestCase):
 if __name__ == "__main__":
   import absl.testing.absltest
   absl.testing.absltest.main()
+
+
+_TRANSFORMATIONS = ("sam_perturb", "fsam_perturb", "gsam_perturb", "looksam_perturb")
+
+
+@pytest.mark.parametrize("name", _TRANSFORMATIONS)
+@pytest.mark.parametrize("argument", ["adaptive", "sync_perturbation", "value_and_grad"])
+@pytest.mark.parametrize("value", ["false", "True", None, 1, 0.0])
+def test_flags_must_be_bools(name, argument, value):
+  """A flag read from a config file as the string "false" used to switch ASAM (or synchronised eps) *on*:
+  every non-empty string is truthy. Only True and False (numpy bools too) are accepted."""
+  with pytest.raises(TypeError, match=f"^{name}: {argument} must be True or False, got {value!r}"):
+    getattr(sam_optax, name)(jax.grad(quadratic_loss), **{argument: value})
+
+
+@pytest.mark.parametrize("name", _TRANSFORMATIONS)
+def test_numpy_bool_flags_are_accepted(name):
+  getattr(sam_optax, name)(jax.grad(quadratic_loss), adaptive=np.bool_(True), sync_perturbation=np.bool_(False))
+
+
+@pytest.mark.parametrize("name, argument", [(n, a) for n in _TRANSFORMATIONS for a in ("rho", "eps")]
+                         + [("fsam_perturb", "sigma"), ("fsam_perturb", "lmbda"), ("gsam_perturb", "alpha"),
+                            ("looksam_perturb", "alpha")])
+@pytest.mark.parametrize("value", [True, "0.05"])
+def test_numbers_are_not_bools_or_strings(name, argument, value):
+  """``float(True)`` is 1.0 and ``float("0.05")`` is 0.05: both used to be taken as numbers."""
+  with pytest.raises(TypeError, match=f"^{name}: {argument} (\\(the EMA decay\\) )?must be"):
+    getattr(sam_optax, name)(jax.grad(quadratic_loss), **{argument: value})
+
+
+def test_perturbation_flag_is_checked():
+  with pytest.raises(TypeError, match="^perturbation: adaptive must be True or False, got 'yes'"):
+    sam_optax.perturbation({"w": jnp.ones(2)}, 0.1, params={"w": jnp.ones(2)}, adaptive="yes")
