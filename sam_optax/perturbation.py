@@ -74,6 +74,7 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
       Array([0.6, 0.8], dtype=float32)
   """
   q = _common.dual_exponent(p, "dual_vector")
+  _common.check_nonnegative(eps, "eps", "dual_vector")  # a traced eps (inject_hyperparams) passes unchecked
   leaves, treedef = jax.tree.flatten(gradient)
   leaves = [jnp.asarray(leaf) for leaf in leaves]
   work = [leaf.astype(_common.compute_dtype(leaf.dtype)) for leaf in leaves]
@@ -140,6 +141,11 @@ def perturbation(
       Array([0.3, 0.4], dtype=float32)
   """
   adaptive = _common.check_flag(adaptive, "adaptive", "perturbation")
+  # Concrete values only: inside the transformations' jitted update rho and eps are traced and were checked at
+  # construction.
+  _common.check_nonnegative(rho, "rho", "perturbation")
+  _common.check_nonnegative(eps, "eps", "perturbation")
+  _common.dual_exponent(p, "perturbation")
   if adaptive and params is None:
     raise ValueError("perturbation: adaptive=True (ASAM) needs params.")
   rho = jnp.asarray(rho)

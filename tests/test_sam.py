@@ -375,3 +375,26 @@ def test_numbers_are_not_bools_or_strings(name, argument, value):
 def test_perturbation_flag_is_checked():
   with pytest.raises(TypeError, match="^perturbation: adaptive must be True or False, got 'yes'"):
     sam_optax.perturbation({"w": jnp.ones(2)}, 0.1, params={"w": jnp.ones(2)}, adaptive="yes")
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: sam_optax.perturbation({"w": jnp.ones(2)}, rho=float("nan")), ValueError,
+     "^perturbation: rho must be finite and >= 0, got rho=nan"),
+    (lambda: sam_optax.perturbation({"w": jnp.ones(2)}, rho=-0.1), ValueError, "^perturbation: rho must be finite"),
+    (lambda: sam_optax.perturbation({"w": jnp.ones(2)}, rho=jnp.float32(-0.1)), ValueError, "^perturbation: rho"),
+    (lambda: sam_optax.perturbation({"w": jnp.ones(2)}, eps=-1.0), ValueError, "^perturbation: eps must be finite"),
+    (lambda: sam_optax.perturbation({"w": jnp.ones(2)}, p=1.0), ValueError, "^perturbation: p must be in"),
+    (lambda: sam_optax.dual_vector({"w": jnp.ones(2)}, eps=float("nan")), ValueError, "^dual_vector: eps must be"),
+    (lambda: sam_optax.dual_vector({"w": jnp.ones(2)}, eps=-1e-12), ValueError, "^dual_vector: eps must be"),
+])
+def test_the_functional_forms_check_concrete_arguments(call, error, match):
+  """A NaN rho used to give a NaN perturbation, a negative eps a silently wrong one."""
+  with pytest.raises(error, match=match):
+    call()
+
+
+def test_the_functional_forms_take_traced_arguments():
+  """Under jit (and inject_hyperparams) rho and eps are traced: they cannot be checked and are used as given."""
+  g = {"w": jnp.array([3.0, 4.0])}
+  eps = jax.jit(lambda rho, eps: sam_optax.perturbation(g, rho, eps=eps))(0.5, 0.0)
+  np.testing.assert_allclose(eps["w"], [0.3, 0.4], rtol=1e-6)

@@ -181,8 +181,10 @@ def validate(args: argparse.Namespace) -> None:
     raise UsageError(f"--rho must be a finite number >= 0, got {args.rho}")
   if not 0 <= args.lmbda < 1:
     raise UsageError(f"--lmbda must be in [0, 1), got {args.lmbda}")
-  if args.sigma < 0:
-    raise UsageError(f"--sigma must be >= 0, got {args.sigma}")
+  if not (math.isfinite(args.sigma) and args.sigma >= 0):
+    raise UsageError(f"--sigma must be a finite number >= 0, got {args.sigma}")
+  if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+    raise UsageError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
   if not 0 <= args.label_noise <= 1:
     raise UsageError(f"--label-noise must be a fraction in [0, 1], got {args.label_noise}")
   if args.epochs < 1 or args.batch_size < 1:
@@ -190,8 +192,8 @@ def validate(args: argparse.Namespace) -> None:
   group_size = getattr(args, "group_size", None)
   if group_size is not None and (group_size < 1 or args.batch_size % group_size):
     raise UsageError(f"--group-size must be a positive divisor of --batch-size ({args.batch_size}), got {group_size}")
-  if args.lr is not None and not args.lr > 0:
-    raise UsageError(f"--lr must be > 0, got {args.lr}")
+  if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+    raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
   if args.base not in ("sgd", "adam"):
     raise UsageError(f"--base must be sgd or adam, got {args.base!r}")
   if not args.seeds:
