@@ -280,6 +280,24 @@ def test_every_entry_point_names_itself_and_batches(name, batches, error, match)
     _ENTRY_POINTS[name](loss, jnp.ones(4), batches)
 
 
+@pytest.mark.parametrize("name", sorted(set(_ENTRY_POINTS) - {"loss_surface_1d", "loss_surface_2d"}))
+def test_jit_must_be_a_bool(name):
+  """``jit="false"`` would have jitted (a non-empty string is truthy)."""
+  call = {"hessian_operator": lambda: analysis.hessian_operator(*_ARGS, jit="false"),
+          "hessian_eigenvalues": lambda: analysis.hessian_eigenvalues(*_ARGS, key=_KEY, jit="false"),
+          "hessian_extremes": lambda: analysis.hessian_extremes(*_ARGS, key=_KEY, jit="false"),
+          "hessian_trace": lambda: analysis.hessian_trace(*_ARGS, key=_KEY, jit="false"),
+          "spectral_density": lambda: analysis.spectral_density(*_ARGS, key=_KEY, jit="false"),
+          "sharpness_summary": lambda: analysis.sharpness_summary(*_ARGS, key=_KEY, jit="false")}[name]
+  with pytest.raises(TypeError, match=f"^{name}: jit must be True or False, got 'false'"):
+    call()
+
+
+def test_linearize_must_be_none_or_a_bool():
+  with pytest.raises(TypeError, match="^hessian_operator: linearize must be True or False, got 'auto'"):
+    analysis.hessian_operator(*_ARGS, linearize="auto")
+
+
 @pytest.mark.parametrize("name", sorted(_ENTRY_POINTS))
 def test_every_entry_point_names_itself_for_loss_fn_and_params(name):
   batches = [jnp.ones((2, 4))]
@@ -446,8 +464,12 @@ def test_lanczos_reorthogonalisation(mode):
 
 def test_lanczos_rejects_unknown_reorthogonalisation():
   matvec, start, _ = _diagonal_operator()
-  with pytest.raises(ValueError, match="reorthogonalize"):
+  with pytest.raises(ValueError, match="^lanczos: reorthogonalize must be 'partial' or 'full', got 'sometimes'"):
     analysis.lanczos(matvec, start, 3, reorthogonalize="sometimes")
+  with pytest.raises(ValueError, match="^lanczos: reorthogonalize must be"):
+    analysis.lanczos(matvec, start, 3, reorthogonalize=["full"])  # unhashable: still the message, not a TypeError
+  with pytest.raises(TypeError, match="^lanczos: jit must be True or False, got 'no'"):
+    analysis.lanczos(matvec, start, 3, jit="no")
 
 
 def test_partial_and_full_reorthogonalisation_agree(dense):
@@ -461,7 +483,7 @@ def test_partial_and_full_reorthogonalisation_agree(dense):
     np.testing.assert_allclose(result.eigenvalues, top, rtol=1e-4)
   np.testing.assert_allclose(results["partial"].eigenvalues, results["full"].eigenvalues, rtol=1e-5)
   assert abs(results["partial"].num_hvps - results["full"].num_hvps) <= 1
-  with pytest.raises(ValueError, match="reorthogonalize"):
+  with pytest.raises(ValueError, match="^hessian_eigenvalues: reorthogonalize must be"):
     analysis.hessian_eigenvalues(loss_fn, PARAMS, BATCHES, key=jax.random.key(5), reorthogonalize="never")
 
 

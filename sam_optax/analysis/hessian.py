@@ -129,8 +129,9 @@ def _as_batch_list(batches: Any, name: str) -> list:
   return batches
 
 
-def _check_problem(loss_fn: Any, params: Any, batches: Any, name: str) -> tuple[Any, list]:
-  """The checks shared by every entry point: ``loss_fn`` callable, ``params`` floating point, ``batches``."""
+def _check_problem(loss_fn: Any, params: Any, batches: Any, name: str, jit: Any = True) -> tuple[Any, list]:
+  """The checks shared by every entry point: ``loss_fn`` callable, ``params`` floating point, ``batches``, ``jit``."""
+  _common.check_flag(jit, "jit", name)
   if not callable(loss_fn):
     raise TypeError(f"{name}: loss_fn must be a callable loss_fn(params, batch) -> scalar, got "
                     f"{type(loss_fn).__name__}.")
@@ -666,7 +667,9 @@ def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = 
       >>> operator.matvec(jnp.ones(2))
       Array([2., 3.], dtype=float32)
   """
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_operator")
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_operator", jit)
+  if linearize is not None:
+    linearize = _common.check_flag(linearize, "linearize", "hessian_operator")
   weights = np.array([batch_size(b) for b in batches], np.float64)
   weights = _scalars_beside(params, weights / weights.sum())
   num_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
@@ -806,9 +809,9 @@ def _orthogonalise(ops: _Ops, w: Any, basis: list, block: bool, factors: Optiona
   return w, norm
 
 
-def _check_reorthogonalize(reorthogonalize: str) -> None:
-  if reorthogonalize not in ("partial", "full"):
-    raise ValueError(f"reorthogonalize must be 'partial' or 'full', got {reorthogonalize!r}")
+def _check_reorthogonalize(reorthogonalize: str, name: str) -> None:
+  if not isinstance(reorthogonalize, str) or reorthogonalize not in ("partial", "full"):
+    raise ValueError(f"{name}: reorthogonalize must be 'partial' or 'full', got {reorthogonalize!r}.")
 
 
 def _reorthogonalization_for(params: Any, requested: str) -> str:
@@ -817,7 +820,7 @@ def _reorthogonalization_for(params: Any, requested: str) -> str:
   Simon's estimate assumes products exact to the accumulation dtype; an HVP
   evaluated in bfloat16 loses orthogonality faster than it predicts.
   """
-  _check_reorthogonalize(requested)
+  _check_reorthogonalize(requested, "lanczos")
   eps = _unit_roundoff()
   low = any(jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).eps > eps for x in jax.tree.leaves(params))
   return "full" if low else requested
@@ -917,7 +920,7 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   orthogonalised against (part of) the basis, and ``scales`` (iterations,
   probes) the factors that make ``basis[j]`` unit (ones when ``unit``).
   """
-  _check_reorthogonalize(reorthogonalize)
+  _check_reorthogonalize(reorthogonalize, "lanczos")
   layout = jax.tree.map(lambda x: x.sharding, start)
   dtype = _accumulation_dtype()
   fused = step is not None and not block
@@ -1169,7 +1172,7 @@ def _lanczos_in_loop(loop, start, max_iters: int, min_iters: int, worst: Callabl
   first ``m`` of the ``performed`` iterations are the result, ``state.basis``
   rows ``0..m-1`` their vectors.
   """
-  _check_reorthogonalize(reorthogonalize)
+  _check_reorthogonalize(reorthogonalize, "lanczos")
   max_iters = max(1, max_iters)
   q, _ = _normalize_in_place(start, False)
   capacity = min(max_iters, _LOOP_CAPACITY)
@@ -1312,7 +1315,8 @@ def lanczos(
                     f"{type(converged).__name__}.")
   max_iters = _common.check_static_int(max_iters, "max_iters", "lanczos")
   min_iters = _common.check_static_int(min_iters, "min_iters", "lanczos")
-  _check_reorthogonalize(reorthogonalize)
+  _check_reorthogonalize(reorthogonalize, "lanczos")
+  _common.check_flag(jit, "jit", "lanczos")
   start = jax.tree.map(lambda x: jnp.asarray(x, _accumulation_dtype()), start)
   if not jax.tree.leaves(start):
     raise ValueError("lanczos: start must be a pytree with at least one array leaf.")
@@ -1564,8 +1568,8 @@ def hessian_eigenvalues(
   max_iters = _common.check_static_int(max_iters, "max_iters", "hessian_eigenvalues")
   tol = _common.check_nonnegative(tol, "tol", "hessian_eigenvalues")
   key = _check_key(key, "hessian_eigenvalues")
-  _check_reorthogonalize(reorthogonalize)
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_eigenvalues")
+  _check_reorthogonalize(reorthogonalize, "hessian_eigenvalues")
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_eigenvalues", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   top_k = min(top_k, operator.num_params)
   if max_iters < top_k:
@@ -1641,7 +1645,7 @@ def hessian_extremes(
   tol = _common.check_nonnegative(tol, "tol", "hessian_extremes")
   max_iters = _common.check_static_int(max_iters, "max_iters", "hessian_extremes")
   key = _check_key(key, "hessian_extremes")
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_extremes")
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_extremes", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
   def worst(values, residuals):
@@ -1719,7 +1723,7 @@ def hessian_trace(
   num_samples = _common.check_static_int(num_samples, "num_samples", "hessian_trace", minimum=2)  # a stderr needs 2
   block_size = _common.check_static_int(block_size, "block_size", "hessian_trace")
   key = _check_key(key, "hessian_trace")
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_trace")
+  params, batches = _check_problem(loss_fn, params, batches, "hessian_trace", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit, linearize=False)  # forms need no HVP: no linearisation
   num_blocks = -(-num_samples // min(block_size, num_samples))
   block_size = -(-num_samples // num_blocks)  # as many calls, the least padding: 32 probes go as 4 x 8, not 4 x 10
@@ -1815,7 +1819,7 @@ def spectral_density(
   sigma_squared = _check_positive(sigma_squared, "sigma_squared", "spectral_density")
   overhead = _common.check_nonnegative(overhead, "overhead", "spectral_density")
   key = _check_key(key, "spectral_density")
-  params, batches = _check_problem(loss_fn, params, batches, "spectral_density")
+  params, batches = _check_problem(loss_fn, params, batches, "spectral_density", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   iterations = min(num_iters, operator.num_params)
   keys = jax.random.split(key, num_runs)
@@ -1912,7 +1916,7 @@ def sharpness_summary(
   trace_samples = _common.check_static_int(trace_samples, "trace_samples", "sharpness_summary", minimum=2)
   trace_block_size = _common.check_static_int(trace_block_size, "trace_block_size", "sharpness_summary")
   tol = _common.check_nonnegative(tol, "tol", "sharpness_summary")
-  params, batches = _check_problem(loss_fn, params, batches, "sharpness_summary")
+  params, batches = _check_problem(loss_fn, params, batches, "sharpness_summary", jit)
   key_extremes, key_trace = jax.random.split(_check_key(key, "sharpness_summary"))
   extremes = hessian_extremes(loss_fn, params, batches, key=key_extremes, tol=tol, jit=jit)
   trace = hessian_trace(loss_fn, params, batches, trace_samples, key=key_trace, jit=jit, block_size=trace_block_size)
