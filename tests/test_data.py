@@ -149,6 +149,26 @@ def test_iterate_batches_covers_each_example_once_and_is_seeded():
   assert len(list(data.iterate_batches(x, y, 30, seed=5, drop_last=False))) == 4
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda: list(data.iterate_batches(np.zeros((10, 3)), np.zeros(10), 0)), "batch_size must be an int >= 1, got 0"),
+    (lambda: list(data.iterate_batches(np.zeros((10, 3)), np.zeros(10), True)), "batch_size must be an int >= 1"),
+    (lambda: list(data.iterate_batches(np.zeros((10, 3)), np.zeros(5), 2)),
+     r"x and y must have the same number of rows, got \{'x': 10\} and 5 labels"),
+    (lambda: list(data.iterate_batches({"nodes": np.zeros((10, 3)), "mask": np.zeros((9, 3))}, np.zeros(10), 2)),
+     "x and y must have the same number of rows"),
+    (lambda: data.add_label_noise(np.zeros(10, int), 0.5, 1), "num_classes must be an int >= 2"),
+    (lambda: data.load_digits(test_fraction=0.0), r"test_fraction must be a number in \(0, 1\), got 0.0"),
+    (lambda: data.load_digits(test_fraction=float("nan")), "test_fraction must be a number in"),
+    (lambda: data.load_digits(test_fraction=1), "test_fraction must be a number in"),
+])
+def test_bad_arguments_are_named(call, match):
+  """These used to fail inside numpy (``range() arg 3 must not be zero``, ``low >= high``, ``cannot convert
+  float NaN to integer``), or to run on silently: a y shorter than x dropped x's extra rows, ``test_fraction=0``
+  gave an empty test set."""
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
 def test_generated_sets_are_seeded():
   for name in ("synthetic_sequences", "synthetic_graphs"):
     a = data.load_dataset(name, seed=0, train_size=20, test_size=10)

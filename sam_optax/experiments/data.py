@@ -73,6 +73,9 @@ def _standardise(x_train: np.ndarray, x_test: np.ndarray):
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int):
+  if not (isinstance(test_fraction, (int, float, np.floating)) and not isinstance(test_fraction, bool)
+          and 0.0 < test_fraction < 1.0):
+    raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
   rng = np.random.default_rng(seed)
   train, test = [], []
   for label in np.unique(y):
@@ -515,6 +518,9 @@ def add_label_noise(labels: np.ndarray, fraction: float, num_classes: int, seed:
   """
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"label-noise fraction must be in [0, 1], got {fraction}")
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+    raise ValueError(f"add_label_noise: num_classes must be an int >= 2 (a flipped label needs another class), "
+                     f"got {num_classes!r}")
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
   noisy = labels.copy()
@@ -526,8 +532,18 @@ def add_label_noise(labels: np.ndarray, fraction: float, num_classes: int, seed:
 
 def iterate_batches(x, y, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                     drop_last: bool = True) -> Iterator[tuple[Any, np.ndarray]]:
-  """Batches ``(x_batch, y_batch)`` of one epoch, in a seeded order."""
+  """Batches ``(x_batch, y_batch)`` of one epoch, in a seeded order.
+
+  ``x`` is an array or a dict of arrays (graphs) with ``len(y)`` rows;
+  ``drop_last=True`` (default) drops the last, smaller batch, so every batch
+  has ``batch_size`` examples (one compiled step).
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f"iterate_batches: batch_size must be an int >= 1, got {batch_size!r}")
   n = len(y)
+  rows = {k: len(v) for k, v in x.items()} if isinstance(x, dict) else {"x": len(x)}
+  if any(count != n for count in rows.values()):
+    raise ValueError(f"iterate_batches: x and y must have the same number of rows, got {rows} and {n} labels")
   order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
   stop = n - batch_size + 1 if drop_last else n
   for start in range(0, max(stop, 0), batch_size):
