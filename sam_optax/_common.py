@@ -32,6 +32,11 @@ def is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def _bare(argument: str) -> str:
+  """``"k (the full-step period)"`` -> ``"k"``: an argument described in a message, named bare in ``got k=0``."""
+  return argument.split(" (")[0]
+
+
 def check_flag(value: Any, argument: str, name: str) -> bool:
   """A Python (or numpy) bool: a string such as ``"false"`` or ``None`` would otherwise pass as its truth value."""
   if not isinstance(value, (bool, np.bool_)):
@@ -86,7 +91,7 @@ def check_nonnegative(value: Any, argument: str, name: str) -> Any:
     return value
   value = _real(value, argument, name, "a number")
   if not math.isfinite(value) or value < 0:
-    raise ValueError(f"{name}: {argument} must be finite and >= 0, got {argument}={value!r}.")
+    raise ValueError(f"{name}: {argument} must be finite and >= 0, got {_bare(argument)}={value!r}.")
   return value
 
 
@@ -132,7 +137,7 @@ def check_static_int(value: Any, argument: str, name: str, *, minimum: int = 1,
   ):
     raise ValueError(f"{name}: {argument} must be an int >= {minimum}, got {value!r}.")
   if int(value) < minimum:
-    raise ValueError(f"{name}: {argument} must be an int >= {minimum}, got {argument}={int(value)!r}.")
+    raise ValueError(f"{name}: {argument} must be an int >= {minimum}, got {_bare(argument)}={int(value)!r}.")
   return int(value)
 
 
@@ -142,7 +147,7 @@ def check_unit_interval(value: Any, argument: str, name: str) -> Any:
     return value
   value = _real(value, argument, name, "a number in [0, 1)")
   if not 0.0 <= value < 1.0:
-    raise ValueError(f"{name}: {argument} must be in [0, 1), got {argument}={value!r}.")
+    raise ValueError(f"{name}: {argument} must be in [0, 1), got {_bare(argument)}={value!r}.")
   return value
 
 

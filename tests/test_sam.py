@@ -1,6 +1,7 @@
 """SAM, ASAM and F-SAM against independent numpy math."""
 
 import math
+import re
 
 import chex
 import jax
@@ -398,3 +399,10 @@ def test_the_functional_forms_take_traced_arguments():
   g = {"w": jnp.array([3.0, 4.0])}
   eps = jax.jit(lambda rho, eps: sam_optax.perturbation(g, rho, eps=eps))(0.5, 0.0)
   np.testing.assert_allclose(eps["w"], [0.3, 0.4], rtol=1e-6)
+
+
+def test_described_arguments_are_named_bare_in_the_value():
+  with pytest.raises(ValueError, match=re.escape("looksam_perturb: k (the full-step period) must be an int >= 1, got k=0.")):
+    sam_optax.looksam_perturb(jax.grad(quadratic_loss), k=0)
+  with pytest.raises(ValueError, match=re.escape("fsam_perturb: lmbda (the EMA decay) must be in [0, 1), got lmbda=1.0.")):
+    sam_optax.fsam_perturb(jax.grad(quadratic_loss), lmbda=1.0)

@@ -1,7 +1,10 @@
 """The experiment training loop: determinism and bit-for-bit checkpoint resume."""
 
+import re
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -177,3 +180,26 @@ def test_vmapped_rho_sweep_equals_separate_runs(digits, optimizer):
         assert abs(h_swept[key] - h_alone[key]) < 1e-5, key
   # The radii differ, so the runs do.
   assert not np.allclose(leaves(sweep.results[0].state.params)[0], leaves(sweep.results[1].state.params)[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs must be an int >= 1, got 0"),
+    (dict(batch_size=True), "batch_size must be an int >= 1, got True"),
+    (dict(looksam_k=0), "looksam_k must be an int >= 1, got 0"),
+    (dict(seed=1.5), "seed must be an int, got 1.5"),
+    (dict(lr=float("nan")), "lr must be None or a finite number > 0, got nan"),
+    (dict(lr=0.0), "lr must be None or a finite number > 0, got 0.0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0, got nan"),
+    (dict(sigma=-1.0), "sigma must be a finite number >= 0, got -1.0"),
+    (dict(gsam_alpha="0.1"), "gsam_alpha must be a finite number >= 0, got '0.1'"),
+    (dict(rho=float("inf")), "rho must be None or a finite number >= 0, got inf"),
+])
+def test_train_config_refuses_bad_values_by_name(kwargs, match):
+  """A NaN weight decay or learning rate used to train to NaN without a word."""
+  with pytest.raises(ValueError, match=f"^TrainConfig: {re.escape(match)}"):
+    TrainConfig(**kwargs)
+
+
+def test_train_config_takes_numpy_and_jax_scalars_and_a_traced_rho():
+  assert TrainConfig(rho=np.float64(0.1), lr=jnp.float32(0.05)).radius == 0.1
+  assert float(jax.jit(lambda rho: TrainConfig(rho=rho).radius)(0.3)) == pytest.approx(0.3)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -40,6 +41,10 @@ OPTIMIZERS = BASE_OPTIMIZERS + SHARPNESS_AWARE
 # Radius defaults: SAM paper (0.05, CIFAR-10); ASAM ~10x larger (Kwon et al.).
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "fsam": 0.05, "gsam": 0.05, "looksam": 0.05}
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
+
+
+def _traced_or(value: Any, check: Callable[[float], bool]) -> bool:
+  return isinstance(value, jax.core.Tracer) or check(float(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +83,37 @@ class TrainConfig:
   weight_decay: float = 5e-4
   seed: int = 0
   group_size: Optional[int] = None
+
+  def __post_init__(self):
+    """Refuses what would otherwise train silently wrong (a NaN weight decay or learning rate) or fail late."""
+    def integer(value):
+      return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    def finite(value):  # a real number (a 0-d array too), not a bool; a tracer cannot be checked and passes
+      if isinstance(value, jax.core.Tracer):
+        return True
+      if isinstance(value, (bool, np.bool_, str)):
+        return False
+      try:
+        return np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number) and \
+            math.isfinite(float(value))
+      except (TypeError, ValueError):
+        return False
+
+    for argument in ("epochs", "batch_size", "looksam_k"):
+      value = getattr(self, argument)
+      if not integer(value) or value < 1:
+        raise ValueError(f"TrainConfig: {argument} must be an int >= 1, got {value!r}")
+    if not integer(self.seed):
+      raise ValueError(f"TrainConfig: seed must be an int, got {self.seed!r}")
+    if self.lr is not None and not (finite(self.lr) and _traced_or(self.lr, lambda v: v > 0)):
+      raise ValueError(f"TrainConfig: lr must be None or a finite number > 0, got {self.lr!r}")
+    for argument in ("weight_decay", "sigma", "gsam_alpha", "looksam_alpha"):
+      value = getattr(self, argument)
+      if not (finite(value) and _traced_or(value, lambda v: v >= 0)):
+        raise ValueError(f"TrainConfig: {argument} must be a finite number >= 0, got {value!r}")
+    if self.rho is not None and not (finite(self.rho) and _traced_or(self.rho, lambda v: v >= 0)):
+      raise ValueError(f"TrainConfig: rho must be None or a finite number >= 0, got {self.rho!r}")
 
   @property
   def base_name(self) -> str:
