@@ -54,6 +54,18 @@ def _real(value: Any, argument: str, name: str, expected: str) -> float:
     raise TypeError(f"{name}: {argument} must be {expected}, got {value!r}.") from error
 
 
+def check_real(tree: Any, argument: str, name: str) -> None:
+  """Refuses complex leaves: for them ``jax.grad`` returns the conjugate of the ascent direction and a
+  p-norm over complex entries has more than one meaning, so SAM's formulas would silently be wrong."""
+  dtypes = sorted({str(jnp.result_type(leaf)) for leaf in jax.tree.leaves(tree)
+                   if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating)})
+  if dtypes:
+    raise TypeError(
+        f"{name}: {argument} has complex leaves ({', '.join(dtypes)}); sharpness-aware perturbations are "
+        f"defined here for real parameters only. Keep the real and imaginary parts as two real "
+        f"parameters (z = re + 1j * im inside the model).")
+
+
 def check_rho(rho: ScalarOrSchedule, name: str) -> None:
   """Rejects a negative or non-finite ``rho`` (a schedule is checked at 0).
 

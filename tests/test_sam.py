@@ -406,3 +406,23 @@ def test_described_arguments_are_named_bare_in_the_value():
     sam_optax.looksam_perturb(jax.grad(quadratic_loss), k=0)
   with pytest.raises(ValueError, match=re.escape("fsam_perturb: lmbda (the EMA decay) must be in [0, 1), got lmbda=1.0.")):
     sam_optax.fsam_perturb(jax.grad(quadratic_loss), lmbda=1.0)
+
+
+@pytest.mark.parametrize("name", _TRANSFORMATIONS)
+def test_complex_params_are_refused_at_trace_time(name):
+  """For a complex leaf jax.grad returns the conjugate of the ascent direction and the p=2 formula squared
+  g instead of |g|: the perturbation of [3+4j] came out as [1-1e-8j], not a unit step along the ascent."""
+  loss = lambda p, batch: jnp.sum(jnp.abs(p["w"] * batch) ** 2)  # noqa: E731
+  grad_fn = jax.grad(loss)
+  params = {"w": jnp.ones(2, jnp.complex64)}
+  tx = getattr(sam_optax, name)(grad_fn, 0.1)
+  with pytest.raises(TypeError, match=f"^{name}: params has complex leaves \\(complex64\\); .*two real parameters"):
+    jax.jit(tx.update)(grad_fn(params, jnp.ones(2)), tx.init(params), params, batch=jnp.ones(2))
+
+
+def test_complex_gradients_are_refused_by_the_functional_forms():
+  g = {"w": jnp.array([3 + 4j, 0j], jnp.complex64), "b": jnp.ones(2)}
+  with pytest.raises(TypeError, match="^dual_vector: gradient has complex leaves"):
+    sam_optax.dual_vector(g)
+  with pytest.raises(TypeError, match="^perturbation: gradient or params has complex leaves"):
+    sam_optax.perturbation(g, 0.1)
