@@ -106,7 +106,8 @@ def batch_size(batch: Any) -> int:
   """The number of examples of a batch: the leading dimension of its first leaf."""
   leaves = jax.tree.leaves(batch)
   if not leaves or np.ndim(leaves[0]) == 0:
-    raise ValueError("a batch must be a pytree whose first leaf has a leading batch dimension")
+    raise ValueError(f"batch_size: a batch must be a pytree whose first leaf has a leading batch dimension, got "
+                     f"{type(batch).__name__} with first leaf shape {np.shape(leaves[0]) if leaves else None}.")
   return int(np.shape(leaves[0])[0])
 
 
@@ -1573,7 +1574,8 @@ def hessian_eigenvalues(
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   top_k = min(top_k, operator.num_params)
   if max_iters < top_k:
-    raise ValueError(f"max_iters ({max_iters}) must be >= top_k ({top_k}): each iteration adds one Ritz value")
+    raise ValueError(f"hessian_eigenvalues: max_iters ({max_iters}) must be >= top_k ({top_k}): each iteration "
+                     "adds one Ritz value.")
 
   def worst(values, residuals):
     order = np.argsort(-np.abs(values))[:top_k]

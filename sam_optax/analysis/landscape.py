@@ -50,7 +50,7 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
   Landscape of Neural Nets", NeurIPS 2018.
   """
   if ignore not in ("biasbn", None):
-    raise ValueError(f"ignore must be 'biasbn' or None, got {ignore!r}")
+    raise ValueError(f"filter_normalized_direction: ignore must be 'biasbn' or None, got {ignore!r}.")
   key = _check_key(key, "filter_normalized_direction")
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
