@@ -44,7 +44,7 @@ def check_flag(value: Any, argument: str, name: str) -> bool:
   return bool(value)
 
 
-def _real(value: Any, argument: str, name: str, expected: str) -> float:
+def as_number(value: Any, argument: str, name: str, expected: str) -> float:
   """``float(value)`` for a real number (not a bool or a string, which ``float`` would also take)."""
   if isinstance(value, (bool, np.bool_, str, bytes)):
     raise TypeError(f"{name}: {argument} must be {expected}, got {value!r}.")
@@ -54,7 +54,7 @@ def _real(value: Any, argument: str, name: str, expected: str) -> float:
     raise TypeError(f"{name}: {argument} must be {expected}, got {value!r}.") from error
 
 
-def check_real(tree: Any, argument: str, name: str) -> None:
+def check_not_complex(tree: Any, argument: str, name: str) -> None:
   """Refuses complex leaves: for them ``jax.grad`` returns the conjugate of the ascent direction and a
   p-norm over complex entries has more than one meaning, so SAM's formulas would silently be wrong."""
   dtypes = sorted({str(jnp.result_type(leaf)) for leaf in jax.tree.leaves(tree)
@@ -101,7 +101,7 @@ def check_nonnegative(value: Any, argument: str, name: str) -> Any:
   """``float(value)`` after checking it is finite and >= 0; a traced value passes as is."""
   if is_traced(value):
     return value
-  value = _real(value, argument, name, "a number")
+  value = as_number(value, argument, name, "a number")
   if not math.isfinite(value) or value < 0:
     raise ValueError(f"{name}: {argument} must be finite and >= 0, got {_bare(argument)}={value!r}.")
   return value
@@ -157,7 +157,7 @@ def check_unit_interval(value: Any, argument: str, name: str) -> Any:
   """``float(value)`` in [0, 1); a traced value passes as is."""
   if is_traced(value):
     return value
-  value = _real(value, argument, name, "a number in [0, 1)")
+  value = as_number(value, argument, name, "a number in [0, 1)")
   if not 0.0 <= value < 1.0:
     raise ValueError(f"{name}: {argument} must be in [0, 1), got {_bare(argument)}={value!r}.")
   return value

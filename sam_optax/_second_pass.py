@@ -155,7 +155,7 @@ def make_second_pass(
       raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
     _common.check_not_masked((updates, params), name)
     _common.check_same_tree(params, updates, name + " (incoming updates)")
-    _common.check_real(params, "params", name)
+    _common.check_not_complex(params, "params", name)
     radius = _common.evaluate_rho(rho, count)
     kwargs = caller.select(extra_args)
     if group_size is None:

@@ -75,7 +75,7 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
   """
   q = _common.dual_exponent(p, "dual_vector")
   _common.check_nonnegative(eps, "eps", "dual_vector")  # a traced eps (inject_hyperparams) passes unchecked
-  _common.check_real(gradient, "gradient", "dual_vector")
+  _common.check_not_complex(gradient, "gradient", "dual_vector")
   leaves, treedef = jax.tree.flatten(gradient)
   leaves = [jnp.asarray(leaf) for leaf in leaves]
   work = [leaf.astype(_common.compute_dtype(leaf.dtype)) for leaf in leaves]
@@ -147,7 +147,7 @@ def perturbation(
   _common.check_nonnegative(rho, "rho", "perturbation")
   _common.check_nonnegative(eps, "eps", "perturbation")
   _common.dual_exponent(p, "perturbation")
-  _common.check_real((gradient, params), "gradient or params", "perturbation")
+  _common.check_not_complex((gradient, params), "gradient or params", "perturbation")
   if adaptive and params is None:
     raise ValueError("perturbation: adaptive=True (ASAM) needs params.")
   rho = jnp.asarray(rho)

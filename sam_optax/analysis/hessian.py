@@ -102,11 +102,11 @@ _INTERLEAVE = 128  # block width of the interleaved layout of eigenvector combin
 _REORTH_AGAIN = 1 / math.sqrt(2)  # DGKS: a second pass when the norm drops below this fraction
 
 
-def batch_size(batch: Any) -> int:
-  """The number of examples of a batch: the leading dimension of its first leaf."""
+def batch_size(batch: Any, name: str = "batch_size", what: str = "a batch") -> int:
+  """The number of examples of a batch: the leading dimension of its first leaf (errors name ``name``)."""
   leaves = jax.tree.leaves(batch)
   if not leaves or np.ndim(leaves[0]) == 0:
-    raise ValueError(f"batch_size: a batch must be a pytree whose first leaf has a leading batch dimension, got "
+    raise ValueError(f"{name}: {what} must be a pytree whose first leaf has a leading batch dimension, got "
                      f"{type(batch).__name__} with first leaf shape {np.shape(leaves[0]) if leaves else None}.")
   return int(np.shape(leaves[0])[0])
 
@@ -122,11 +122,7 @@ def _as_batch_list(batches: Any, name: str) -> list:
   if not batches:
     raise ValueError(f"{name}: batches is empty; pass at least one batch.")
   for index, batch in enumerate(batches):
-    leaves = jax.tree.leaves(batch)
-    if not leaves or np.ndim(leaves[0]) == 0:
-      raise ValueError(f"{name}: batches[{index}] must be a pytree whose first leaf has a leading batch "
-                       f"dimension, got {type(batch).__name__} with first leaf shape "
-                       f"{np.shape(leaves[0]) if leaves else None}.")
+    batch_size(batch, name, f"batches[{index}]")
   return batches
 
 
