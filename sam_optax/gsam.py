@@ -103,10 +103,7 @@ def gsam_perturb(
 
 
 def _finite(value: Any, argument: str) -> float:
-  try:
-    value = float(value)
-  except (TypeError, ValueError) as error:
-    raise TypeError(f"rho_schedule_from_learning_rate: {argument} must be a number, got {value!r}.") from error
+  value = _common.as_number(value, argument, "rho_schedule_from_learning_rate", "a number")
   if not math.isfinite(value):
     raise ValueError(f"rho_schedule_from_learning_rate: {argument} must be finite, got {value!r}.")
   return value

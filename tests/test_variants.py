@@ -103,6 +103,8 @@ class GSAMTest(chex.TestCase):
     (dict(rho_max=None), TypeError, "rho_max must be a number"),
     (dict(rho_max=0.1, lr_max=float("inf")), ValueError, "lr_max must be finite"),
     (dict(rho_max=0.1, lr_min="zero"), TypeError, "lr_min must be a number"),
+    (dict(rho_max=0.1, lr_max="0.1"), TypeError, "lr_max must be a number"),
+    (dict(rho_max=0.1, lr_max=True), TypeError, "lr_max must be a number"),
     (dict(rho_max=0.1, lr_max=0.1, lr_min=0.1), ValueError, "need lr_max > lr_min"),
 ])
 def test_rho_schedule_from_learning_rate_rejects_bad_arguments_by_name(kwargs, error, match):
