@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+
+
+def positive_int(text: str) -> int:
+  """``argparse`` type: an integer >= 1 (``--rounds 0`` would time nothing and print NaN medians)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+  return value
+
+
+def int_list(text: str) -> str:
+  """``argparse`` type: a non-empty comma list of integers (``"0,1,2"``), kept as text for the command line."""
+  items = [item.strip() for item in text.split(",")]
+  try:
+    [int(item) for item in items]  # pylint: disable=expression-not-assigned
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a comma list of integers such as 0,1,2, got {text!r}") from None
+  return ",".join(items)
+
+
+def dataset_settings(text: str) -> list:
+  """``argparse`` type: a non-empty comma list of ``DATASET:LABEL_NOISE`` pairs, as ``[(dataset, noise), ...]``.
+
+  The noise stays text (it names output folders); ``sam-optax compare`` checks both values.
+  """
+  pairs = [item.strip().split(":") for item in text.split(",")]
+  if not all(len(pair) == 2 and all(pair) for pair in pairs):
+    raise argparse.ArgumentTypeError(f"expected DATASET:LABEL_NOISE pairs such as digits:0.0,digits:0.4, got {text!r}")
+  return [tuple(pair) for pair in pairs]
+
+
+def check_runs(parser: argparse.ArgumentParser, commands: list) -> None:
+  """Checks every planned ``python -m sam_optax compare ...`` command before the first one runs."""
+  from sam_optax.experiments.cli import UsageError, check_compare  # pylint: disable=import-outside-toplevel
+
+  for command in commands:
+    try:
+      check_compare(command[command.index("compare") + 1:])
+    except UsageError as error:
+      parser.error(f"{error} (in: sam-optax {' '.join(command[command.index('compare'):])})")
 
 
 def xla_figures(jitted: Callable[..., Any], *args, **kwargs) -> dict:

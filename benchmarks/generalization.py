@@ -23,6 +23,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+from common import check_runs, dataset_settings, int_list  # noqa: E402  pylint: disable=wrong-import-position
 
 # dataset -> extra options of its protocol (sizes keep a 2-core CPU run reasonable).
 PROTOCOLS = {
@@ -32,7 +35,7 @@ PROTOCOLS = {
 }
 
 
-def command_for(dataset: str, noise: float, seeds: str, optimizers: str, out: str, extra: list[str]) -> list[str]:
+def command_for(dataset: str, noise: str, seeds: str, optimizers: str, out: str, extra: list[str]) -> list[str]:
   return [
       sys.executable, "-m", "sam_optax", "compare", "--dataset", dataset,
       "--optimizers", optimizers, "--label-noise", str(noise), "--seeds", seeds,
@@ -76,19 +79,21 @@ def merge_seed_runs(directories: list[str], out: str) -> dict:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--settings", default="digits:0.0,digits:0.4,fashion_mnist:0.0,fashion_mnist:0.4",
+  parser.add_argument("--settings", type=dataset_settings,
+                      default="digits:0.0,digits:0.4,fashion_mnist:0.0,fashion_mnist:0.4",
                       help="comma list of dataset:label_noise")
-  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--seeds", type=int_list, default="0,1,2")
   parser.add_argument("--optimizers", default="sgd,sam,fsam,asam,gsam,looksam")
   parser.add_argument("--out", default=os.path.join("runs", "generalization"))
   parser.add_argument("--report", default=os.path.join(HERE, "generalization.md"))
   parser.add_argument("extra", nargs="*", help="extra options passed to sam-optax compare (after --)")
   args = parser.parse_args(argv)
+  planned = [(dataset, noise, os.path.join(args.out, f"{dataset}_noise{noise}")) for dataset, noise in args.settings]
+  commands = [command_for(dataset, noise, args.seeds, args.optimizers, out, args.extra)
+              for dataset, noise, out in planned]
+  check_runs(parser, commands)
   sections = []
-  for setting in args.settings.split(","):
-    dataset, noise = setting.split(":")
-    out = os.path.join(args.out, f"{dataset}_noise{noise}")
-    command = command_for(dataset, float(noise), args.seeds, args.optimizers, out, args.extra)
+  for (dataset, noise, out), command in zip(planned, commands):
     printable = "sam-optax " + " ".join(shlex.quote(c) for c in command[3:])
     print(f"$ {printable}", flush=True)
     start = time.perf_counter()

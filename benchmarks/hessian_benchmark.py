@@ -48,7 +48,7 @@ from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
-from common import interleaved_medians, paired_ratio, verdict, xla_figures  # noqa: E402
+from common import interleaved_medians, paired_ratio, positive_int, verdict, xla_figures  # noqa: E402
 from sam_optax import analysis  # noqa: E402
 
 
@@ -121,13 +121,19 @@ def pyhessian_power_iteration(matvec, params, key, max_iter=100, tol=1e-3):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--rounds", type=int, default=10)
-  parser.add_argument("--seeds", type=int, default=3, help="start vectors for the eigenvalue comparison")
+  parser.add_argument("--batch-size", type=positive_int, default=256, help="at least 2 (section 4 halves it)")
+  parser.add_argument("--rounds", type=positive_int, default=10)
+  parser.add_argument("--seeds", type=positive_int, default=3, help="start vectors for the eigenvalue comparison")
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--sections", default="1234", help="\"4\": only the on-device section (4); default: all")
-  parser.add_argument("--lanczos-rounds", type=int, default=4, help="paired rounds of section 4's timing")
+  parser.add_argument("--sections", default="1234",
+                      help="which sections to run, digits from 1234: \"4\" only the on-device section; "
+                           "1, 2 or 3 run tables 1-3 (together); default: all")
+  parser.add_argument("--lanczos-rounds", type=positive_int, default=4, help="paired rounds of section 4's timing")
   args = parser.parse_args(argv)
+  if not args.sections or set(args.sections) - set("1234"):
+    parser.error(f"--sections: digits from 1234 such as 4 or 1234, got {args.sections!r}")
+  if args.batch_size < 2:
+    parser.error(f"--batch-size: at least 2 (section 4 splits the batch in two), got {args.batch_size}")
   hidden = (1024, 256)
   if args.quick:
     args.batch_size, args.rounds, args.seeds, hidden = 32, 2, 1, (64, 32)
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
     large_section(args, batch, hidden=(4096, 2048) if not args.quick else (256, 128))
     cnn_model = CNN()
     trace_section(args, make_loss(cnn_model), cnn_model.init(jax.random.key(0), batch["x"][:1])["params"])
-  if "1" not in args.sections:
+  if not set(args.sections) & set("123"):
     return 0
   # 1. HVP / gradient.
   rows = []

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
-from common import interleaved_samples, paired_ratio, xla_figures  # noqa: E402
+from common import interleaved_samples, paired_ratio, positive_int, xla_figures  # noqa: E402
 from hessian_benchmark import MLP, images, make_loss  # noqa: E402
 from sam_optax.analysis import hessian  # noqa: E402  (internals: this script times their pieces)
 
@@ -52,10 +52,12 @@ def bytes_accessed(jitted, *args) -> float:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--batch-size", type=positive_int, default=256, help="at least 2 (split into two batches)")
+  parser.add_argument("--rounds", type=positive_int, default=10)
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args(argv)
+  if args.batch_size < 2:
+    parser.error(f"--batch-size: at least 2 (split into two batches), got {args.batch_size}")
   hidden = (4096, 2048)
   if args.quick:
     args.batch_size, args.rounds, hidden = 32, 2, (64, 32)

@@ -23,6 +23,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from common import check_runs, dataset_settings, int_list  # noqa: E402
 from generalization import PROTOCOLS  # noqa: E402
 
 BATCH = 128
@@ -49,15 +50,19 @@ def pm(run, key, scale=1.0, digits=2):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--settings", default="digits:0.4,digits:0.0")
-  parser.add_argument("--group-sizes", default="8,32,128")
-  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--settings", type=dataset_settings, default="digits:0.4,digits:0.0",
+                      help="comma list of dataset:label_noise")
+  parser.add_argument("--group-sizes", type=int_list, default="8,32,128",
+                      help=f"comma list of m, each dividing the batch ({BATCH})")
+  parser.add_argument("--seeds", type=int_list, default="0,1,2")
   parser.add_argument("--out", default="runs/m_sharpness")
   parser.add_argument("--collect-only", action="store_true", help="only read earlier results")
   args = parser.parse_args(argv)
   sizes = [int(m) for m in args.group_sizes.split(",")]
-  for setting in args.settings.split(","):
-    dataset, noise = setting.split(":")
+  if not args.collect_only:
+    check_runs(parser, [command_for(dataset, noise, m, args.seeds, args.out, with_baseline=i == 0)
+                        for dataset, noise in args.settings for i, m in enumerate(sizes)])
+  for dataset, noise in args.settings:
     rows, commands = [], []
     for i, m in enumerate(sizes):
       out = os.path.join(args.out, f"{dataset}_noise{noise}_m{m}")

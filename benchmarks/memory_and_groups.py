@@ -35,7 +35,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sam_optax  # noqa: E402
-from common import interleaved_samples, paired_ratio, verdict, xla_figures  # noqa: E402
+from common import interleaved_samples, paired_ratio, positive_int, verdict, xla_figures  # noqa: E402
 from step_speed import CNN  # noqa: E402
 
 RHO = 0.05
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--rounds", type=positive_int, default=10)
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores")
   if args.quick:

@@ -39,7 +39,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
-from common import interleaved_samples, paired_ratio, verdict  # noqa: E402
+from common import interleaved_samples, paired_ratio, positive_int, verdict  # noqa: E402
 from sam_optax import analysis  # noqa: E402
 from sam_optax.experiments.models import CNN, MLP  # noqa: E402
 
@@ -118,8 +118,8 @@ def print_table(rows):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--rounds", type=int, default=8)
-  parser.add_argument("--probes", type=int, default=100)
+  parser.add_argument("--rounds", type=positive_int, default=8)
+  parser.add_argument("--probes", type=positive_int, default=100)
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args(argv)
   batches_n, batch_size, cnn_hidden, widths = 4, 128, 1792, (512, 512)

@@ -35,6 +35,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import positive_int  # noqa: E402  pylint: disable=wrong-import-position
 
 from sam_optax.experiments import data, models, study  # noqa: E402  pylint: disable=wrong-import-position
 from sam_optax.experiments.train import TrainConfig, train_sweep  # noqa: E402  pylint: disable=wrong-import-position
@@ -42,19 +45,22 @@ from sam_optax.experiments.train import TrainConfig, train_sweep  # noqa: E402  
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--epochs", type=int, default=3)
-  parser.add_argument("--rounds", type=int, default=2, help="alternating repetitions of both modes")
-  parser.add_argument("--models", default="wrn,attention,gcn")
+  parser.add_argument("--epochs", type=positive_int, default=3)
+  parser.add_argument("--rounds", type=positive_int, default=2, help="alternating repetitions of both modes")
+  parser.add_argument("--models", default="wrn,attention,gcn", help=f"comma list from {','.join(study.MODEL_KEYS)}")
   parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 round, small sets")
   args = parser.parse_args(argv)
+  specs = study.study_models()
+  keys = [key.strip() for key in args.models.split(",")]
+  if not all(key in specs for key in keys):
+    parser.error(f"--models: a comma list from {','.join(specs)}, got {args.models!r}")
   if args.quick:
     args.epochs, args.rounds = 1, 1
-  specs = study.study_models()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
         f"{args.epochs} epochs, {args.rounds} round(s); measured under load from other jobs when the machine "
         f"is shared")
   rows = []
-  for key in args.models.split(","):
+  for key in keys:
     spec = specs[key]
     sizes = {"train_size": 256, "test_size": 64} if args.quick else (
         {"train_size": spec.train_size} if spec.train_size else {})

@@ -41,9 +41,12 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sam_optax  # noqa: E402
-from common import interleaved_samples, paired_ratio, verdict, xla_figures  # noqa: E402
+from common import interleaved_samples, paired_ratio, positive_int, verdict, xla_figures  # noqa: E402
 
 RHO = 0.05
+# What --only chooses from: every timed variant (base and hand-written are always timed).
+VARIANTS = ("base", "sam", "fsam", "asam", "gsam", "hand-written", "optax.contrib.sam", "looksam (k=5)",
+            "looksam traced (lax.cond)")
 
 
 class CNN(nn.Module):
@@ -71,14 +74,21 @@ def chained(compiled_steps, params, opt_state, batch):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--rounds", type=int, default=40)
-  parser.add_argument("--steps", type=int, default=5, help="chained steps per variant and round (a multiple of 5)")
+  parser.add_argument("--batch-size", type=positive_int, default=128)
+  parser.add_argument("--rounds", type=positive_int, default=40)
+  parser.add_argument("--steps", type=positive_int, default=5,
+                      help="chained steps per variant and round (a multiple of 5)")
   parser.add_argument("--only", default=None,
                       help="comma list of variants to time (base and hand-written are always timed), "
                            "e.g. 'sam,gsam' for a finer comparison with more rounds")
   parser.add_argument("--quick", action="store_true", help="tiny smoke run")
   args = parser.parse_args(argv)
+  if args.only is not None:
+    named = {name.strip() for name in args.only.split(",") if name.strip()}
+    if not named or named - set(VARIANTS):
+      parser.error(f"--only: a comma list of variants from {list(VARIANTS)}, got {args.only!r}")
+  if args.steps % 5:
+    parser.error(f"--steps: a multiple of 5, got {args.steps}")
   if args.quick:
     args.batch_size, args.rounds, args.steps = 16, 2, 5
   model = CNN()
@@ -171,11 +181,9 @@ def main(argv=None) -> int:
   runners["looksam traced (lax.cond)"] = chained(5 * [traced_figures["compiled"]], params, traced_state, batch)
   if args.only:
     wanted = {"base", "hand-written", *(name.strip() for name in args.only.split(","))}
-    unknown = wanted - set(runners)
-    if unknown:
-      parser.error(f"--only: unknown variant(s) {sorted(unknown)}; choose from {sorted(runners)}")
+    assert set(runners) == set(VARIANTS), sorted(runners)
     runners = {name: runner for name, runner in runners.items() if name in wanted}
-  per_call = interleaved_samples(runners, rounds=args.rounds, steps=max(1, args.steps // 5) * 5)
+  per_call = interleaved_samples(runners, rounds=args.rounds, steps=args.steps)
   for cycle in ("looksam (k=5)", "looksam traced (lax.cond)"):
     if cycle in per_call:
       per_call[cycle] = per_call[cycle] / 5  # a call is a 5-step cycle

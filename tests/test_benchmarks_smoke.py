@@ -46,3 +46,47 @@ def test_device_session_script_runs_the_smoke_tested_benchmarks_within_one_devic
       "hessian_benchmark.py", "step_speed.py", "memory_and_groups.py", "lanczos_overheads.py"]
   assert all(check[3].split("/")[-1] in scripts for check in checks)
   assert sum(int(check[2]) for check in checks) <= 480
+
+
+def _benchmark_main(script):
+  """The script's ``main(argv)``, imported in process as the script itself would import it."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+
+  if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
+  spec = importlib.util.spec_from_file_location(f"benchmark_{script[:-3]}", os.path.join(BENCHMARKS, script))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses (Flax modules) look their module up there
+  spec.loader.exec_module(module)
+  return module.main
+
+
+BAD_ARGUMENTS = [
+    ("step_speed.py", ["--rounds", "0"], "argument --rounds: expected a positive integer, got 0"),
+    ("step_speed.py", ["--steps", "7"], "--steps: a multiple of 5, got 7"),
+    ("step_speed.py", ["--only", "sam,lion"], "--only: a comma list of variants from"),
+    ("step_speed.py", ["--only", ","], "--only: a comma list of variants from"),
+    ("hessian_benchmark.py", ["--sections", "5"], "--sections: digits from 1234"),
+    ("hessian_benchmark.py", ["--batch-size", "1"], "--batch-size: at least 2"),
+    ("hessian_benchmark.py", ["--lanczos-rounds", "-1"], "argument --lanczos-rounds: expected a positive integer"),
+    ("lanczos_overheads.py", ["--rounds", "x"], "argument --rounds: expected a positive integer, got 'x'"),
+    ("memory_and_groups.py", ["--rounds", "0"], "argument --rounds: expected a positive integer, got 0"),
+    ("rho_sweep.py", ["--models", "wrn,resnet"], "--models: a comma list from wrn,attention,gcn"),
+    ("generalization.py", ["--settings", "digits"], "argument --settings: expected DATASET:LABEL_NOISE pairs"),
+    ("generalization.py", ["--settings", "digits:0.0,mnist:0.4"], "unknown dataset 'mnist'"),
+    ("generalization.py", ["--optimizers", "sgd,lion"], "unknown optimizer(s) lion"),
+    ("generalization.py", ["--seeds", "0,,1"], "argument --seeds: expected a comma list of integers"),
+    ("m_sharpness.py", ["--group-sizes", "8,48"], "--group-size must be a positive divisor of --batch-size (128)"),
+    ("m_sharpness.py", ["--settings", "digits:1.5"], "--label-noise must be a fraction in [0, 1], got 1.5"),
+]
+
+
+@pytest.mark.parametrize("script,arguments,message", BAD_ARGUMENTS)
+def test_bad_arguments_fail_before_any_work(script, arguments, message, capsys):
+  """A bad option is a usage error (exit 2) before anything is timed or trained, not a NaN median or a crash
+  after the other runs (generalization.py and m_sharpness.py check every planned `sam-optax compare` first)."""
+  main = _benchmark_main(script)
+  with pytest.raises(SystemExit) as raised:
+    main(arguments)
+  assert raised.value.code == 2
+  assert message in capsys.readouterr().err

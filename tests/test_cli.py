@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,32 @@ def test_non_finite_numbers_are_refused(arguments, message):
   with pytest.raises(cli.UsageError) as raised:
     cli.validate(args)
   assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'; choose from digits, fashion_mnist"),
+    (["--model", "resnet"], "unknown model 'resnet'; choose from auto, mlp, cnn, wrn, transformer, gcn"),
+    (["--optimizers", "sam,sam"], "--optimizers lists a name twice: sam,sam"),
+    (["--batch-size", "128", "--group-size", "48"], "--group-size must be a positive divisor of --batch-size (128)"),
+])
+def test_check_compare_refuses_what_the_command_refuses_without_running(arguments, message):
+  """check_compare (used by the benchmarks that plan several runs) applies the command's own checks."""
+  with pytest.raises(cli.UsageError, match=re.escape(message)):
+    cli.check_compare(arguments)
+
+
+def test_check_compare_returns_the_parsed_options_and_lets_argparse_refuse_non_numbers(capsys):
+  args = cli.check_compare(["--dataset", "mitbih", "--group-size", "8", "--seeds", "0,1"])
+  assert (args.dataset, args.group_size, args.seeds) == ("mitbih", 8, [0, 1])  # no data files looked for
+  with pytest.raises(SystemExit):
+    cli.check_compare(["--label-noise", "x"])
+  assert "argument --label-noise: invalid float value: 'x'" in capsys.readouterr().err
+
+
+def test_dataset_help_names_every_dataset(capsys):
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(["compare", "--help"])
+  help_text = " ".join(capsys.readouterr().out.split())
+  assert "mitbih" in help_text and "mutagenicity" in help_text
+  for name in cli.DATASETS:
+    assert name in help_text

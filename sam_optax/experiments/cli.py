@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from sam_optax.experiments.data import DATASETS
+
 ANALYSIS_EXAMPLES = 256  # training examples the Hessian and landscapes are computed on (PyHessian uses 200)
 # The study analyses six models: 128 examples keep its default run within 5 minutes on 2 CPU cores
 # (4 min 27 s, against 5 min 22 s with 256).
@@ -55,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   compare.add_argument("--dataset", default="digits",
-                       help="digits (bundled with scikit-learn), fashion_mnist, cifar10, cifar100, "
-                            "gunpoint, italy_power_demand, synthetic_sequences, synthetic_graphs")
+                       help=f"one of {', '.join(DATASETS)} (digits is bundled with scikit-learn; "
+                            "see the README for where the others' files go)")
   compare.add_argument("--data-dir", default=None, help="where dataset files are (Fashion-MNIST idx, CIFAR pickles)")
   compare.add_argument("--model", default="auto", help="auto, mlp, cnn, wrn, transformer, gcn")
   compare.add_argument("--optimizers", default=None,
@@ -338,13 +340,56 @@ def run_compare(args: argparse.Namespace) -> dict:
   return results
 
 
+def _check_compare(args: argparse.Namespace) -> None:
+  validate(args)
+  _parse_optimizers(args.optimizers, args.base)
+  if args.dataset not in DATASETS:
+    raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+  from sam_optax.experiments.models import MODELS  # pylint: disable=import-outside-toplevel
+
+  if args.model != "auto" and args.model not in MODELS:
+    raise UsageError(f"unknown model {args.model!r}; choose from auto, {', '.join(MODELS)}")
+
+
+def check_compare(argv: Sequence[str]) -> argparse.Namespace:
+  """The options of ``sam-optax compare ARGV``, parsed and checked as the command checks them, nothing run.
+
+  For scripts that plan several runs (``benchmarks/generalization.py``,
+  ``benchmarks/m_sharpness.py``): a bad setting then fails before the first
+  run instead of after the others. Data files are not looked for.
+
+  Args:
+    argv: the options after ``compare``.
+
+  Returns:
+    The parsed options.
+
+  Raises:
+    UsageError: a bad value (an unknown dataset, model or optimizer, a
+      ``--group-size`` that does not divide ``--batch-size``, ...).
+    SystemExit: what ``argparse`` refuses (an unknown option, a non-number),
+      after printing its usage message.
+
+  Example::
+
+      >>> check_compare(["--dataset", "digits", "--group-size", "16"]).group_size
+      16
+      >>> check_compare(["--group-size", "48"])  # the default batch is 64
+      Traceback (most recent call last):
+      ...
+      sam_optax.experiments.cli.UsageError: --group-size must be a positive divisor of --batch-size (64), got 48
+  """
+  args = build_parser().parse_args(["compare", *argv])
+  _check_compare(args)
+  return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
     if args.command == "compare":
-      validate(args)
-      _parse_optimizers(args.optimizers, args.base)
+      _check_compare(args)
       run_compare(args)
     elif args.command == "study":
       from sam_optax.experiments.study import run_study  # pylint: disable=import-outside-toplevel
