@@ -50,6 +50,22 @@ class SAMTrainState(train_state.TrainState):
   ``state.apply_gradients(grads=g, extra_args={'batch': batch}, batch_stats=s)``
   calls ``tx.update(g, opt_state, params, batch=batch)`` and replaces the
   other given fields (here ``batch_stats``), as ``TrainState`` does.
+
+  Example (a model without BatchNorm or dropout; :func:`make_linen_train_step`
+  shows one with both)::
+
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> import flax.linen as nn
+      >>> model = nn.Dense(1)
+      >>> batch = {'x': jnp.ones((4, 3)), 'y': jnp.zeros((4, 1))}
+      >>> def loss(params, batch):
+      ...   return jnp.mean((model.apply({'params': params}, batch['x']) - batch['y']) ** 2)
+      >>> tx = optax.chain(sam_optax.sam_perturb(jax.grad(loss), rho=0.05), optax.sgd(0.1))
+      >>> state = SAMTrainState.create(apply_fn=model.apply, tx=tx,
+      ...                              params=model.init(jax.random.key(0), batch['x'])['params'])
+      >>> state = state.apply_gradients(grads=jax.grad(loss)(state.params, batch), extra_args={'batch': batch})
+      >>> int(state.step), state.batch_stats is None
+      (1, True)
   """
 
   batch_stats: Any = None
@@ -84,6 +100,24 @@ def make_linen_grad_fn(loss_fn: LinenLoss, *, value_and_grad: bool = False) -> C
     perturbed forward pass computes are discarded, so the ones kept are those
     of the first pass; pass the same ``dropout_rng`` as the first pass so both
     passes see the same dropout mask (:func:`make_linen_train_step` does).
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp, sam_optax
+      >>> import flax.linen as nn
+      >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False), nn.Dense(1)])
+      >>> batch = {'x': jnp.arange(12.0).reshape(4, 3), 'y': jnp.zeros((4, 1))}
+      >>> variables = model.init(jax.random.key(0), batch['x'])
+      >>> def loss_fn(params, batch, batch_stats, dropout_rng):
+      ...   out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch['x'],
+      ...                              mutable=['batch_stats'])
+      ...   return jnp.mean((out - batch['y']) ** 2), updates['batch_stats']
+      >>> grad_fn = make_linen_grad_fn(loss_fn, value_and_grad=True)
+      >>> loss, gradient = grad_fn(variables['params'], batch, variables['batch_stats'])
+      >>> by_hand = jax.grad(lambda p: loss_fn(p, batch, variables['batch_stats'], None)[0])(variables['params'])
+      >>> jax.tree.all(jax.tree.map(jnp.allclose, gradient, by_hand))
+      True
+      >>> perturb = sam_optax.sam_perturb(grad_fn, rho=0.05, value_and_grad=True)  # logs L(w + eps)
   """
   _check_callable(loss_fn, "make_linen_grad_fn")
   value_and_grad = _common.check_flag(value_and_grad, "value_and_grad", "make_linen_grad_fn")
@@ -242,15 +276,41 @@ def make_nnx_grad_fn(
       pass 1 advances: pass 2 would draw another dropout mask).
     ValueError: ``model_state`` is missing and the model has such state.
 
-  :func:`make_nnx_train_step` writes the step that calls it correctly.
+  :func:`make_nnx_train_step` writes the step that calls it correctly (with
+  ``nnx.Optimizer``). Used directly, in a functional ``nnx.split`` loop: keep
+  the params and the rest as plain arrays (``nnx.merge`` reuses the
+  ``Variable`` objects it is given), merge inside the loss, and pass the rest
+  as it was before pass 1.
 
   Example::
 
-      grad_fn = make_nnx_grad_fn(loss_fn, nnx.graphdef(model))
-      optimizer = nnx.Optimizer(model, optax.chain(sam_optax.sam_perturb(grad_fn), optax.adam(1e-3)),
-                                wrt=nnx.Param)
-      train_step = nnx.jit(make_nnx_train_step(loss_fn))
-      loss = train_step(model, optimizer, batch)
+      >>> import jax, jax.numpy as jnp, optax, sam_optax
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...   def __init__(self, rngs):
+      ...     self.linear, self.dropout = nnx.Linear(3, 1, rngs=rngs), nnx.Dropout(0.5, rngs=rngs)
+      ...   def __call__(self, x):
+      ...     return self.dropout(self.linear(x))
+      >>> def loss_fn(model, batch):
+      ...   return jnp.mean((model(batch['x']) - batch['y']) ** 2)
+      >>> graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+      >>> params, rest = nnx.as_pure((params, rest))
+      >>> tx = optax.chain(sam_optax.sam_perturb(make_nnx_grad_fn(loss_fn, graphdef), rho=0.05),
+      ...                  optax.sgd(0.1))
+      >>> opt_state = tx.init(params)
+      >>> @jax.jit
+      ... def step(params, rest, opt_state, batch):
+      ...   def loss_and_rest(p):
+      ...     model = nnx.merge(graphdef, p, rest)
+      ...     return loss_fn(model, batch), nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+      ...   (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(params)
+      ...   updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
+      ...                                  model_state=nnx_state_snapshot(rest))  # before pass 1
+      ...   return optax.apply_updates(params, updates), new_rest, opt_state, loss
+      >>> batch = {'x': jnp.ones((8, 3)), 'y': jnp.zeros((8, 1))}
+      >>> params, rest, opt_state, loss = step(params, rest, opt_state, batch)
+      >>> int(rest['dropout']['rngs']['count'])  # pass 1 drew one mask; pass 2 reused it
+      1
   """
   _check_callable(loss_fn, "make_nnx_grad_fn")
   value_and_grad = _common.check_flag(value_and_grad, "value_and_grad", "make_nnx_grad_fn")

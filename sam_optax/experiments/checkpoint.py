@@ -28,6 +28,21 @@ class Checkpointer:
   Args:
     directory: where checkpoints go (one sub-directory per saved epoch).
     max_to_keep: how many of the latest checkpoints are kept. Default 2.
+
+  Example (an F-SAM chain's state: NamedTuples and the gradient EMA come back)::
+
+      >>> import tempfile, jax, jax.numpy as jnp, optax, sam_optax
+      >>> params = {'w': jnp.arange(3.0)}
+      >>> tx = optax.chain(sam_optax.fsam_perturb(jax.grad(lambda p: jnp.sum(p['w'] ** 2))), optax.sgd(0.1))
+      >>> state = (params, tx.init(params))
+      >>> checkpointer = Checkpointer(tempfile.mkdtemp())
+      >>> checkpointer.restore(state) is None  # nothing saved yet
+      True
+      >>> checkpointer.save(state, epoch=3, history=[{'epoch': 3, 'test_acc': 0.9}])
+      >>> restored, epoch, history = checkpointer.restore(state)
+      >>> epoch, history, type(restored[1][0]).__name__
+      (3, [{'epoch': 3, 'test_acc': 0.9}], 'FSAMState')
+      >>> checkpointer.close()
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2):

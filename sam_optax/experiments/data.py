@@ -482,6 +482,14 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
 
   Raises:
     DatasetError: unknown name, or files missing (the message says where to get them).
+
+  Example::
+
+      >>> dataset = load_dataset("digits")  # bundled with scikit-learn
+      >>> dataset.x_train.shape, dataset.x_test.shape, dataset.num_classes
+      ((1347, 8, 8, 1), (450, 8, 8, 1), 10)
+      >>> load_dataset("digits", train_size=256, test_size=64).x_train.shape
+      (256, 8, 8, 1)
   """
   if name == "digits":
     data = load_digits(seed)
@@ -515,6 +523,13 @@ def add_label_noise(labels: np.ndarray, fraction: float, num_classes: int, seed:
   The SAM paper's label-noise study corrupts a fraction of the training labels;
   drawing the new label among the other classes makes the corrupted fraction
   exactly the one requested. Returns a new array; ``labels`` is not modified.
+
+  Example::
+
+      >>> labels = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+      >>> noisy = add_label_noise(labels, 0.3, num_classes=4, seed=0)
+      >>> int((noisy != labels).sum())  # round(0.3 * 10), each moved to another class
+      3
   """
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"label-noise fraction must be in [0, 1], got {fraction}")
@@ -537,6 +552,16 @@ def iterate_batches(x, y, batch_size: int, *, seed: int = 0, shuffle: bool = Tru
   ``x`` is an array or a dict of arrays (graphs) with ``len(y)`` rows;
   ``drop_last=True`` (default) drops the last, smaller batch, so every batch
   has ``batch_size`` examples (one compiled step).
+
+  Example::
+
+      >>> x, y = np.arange(10.0)[:, None], np.arange(10)
+      >>> [len(y_batch) for _, y_batch in iterate_batches(x, y, 4)]
+      [4, 4]
+      >>> [len(y_batch) for _, y_batch in iterate_batches(x, y, 4, drop_last=False)]
+      [4, 4, 2]
+      >>> np.sort(np.concatenate([y_batch for _, y_batch in iterate_batches(x, y, 4, drop_last=False)])).tolist()
+      [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
   """
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"iterate_batches: batch_size must be an int >= 1, got {batch_size!r}")

@@ -205,6 +205,14 @@ def get_model(name: str, num_classes: int, input_shape: Any = None, **options) -
 
   Raises:
     ValueError: for an unknown name, listing the choices.
+
+  Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> model = get_model("wrn", num_classes=10, depth=10, width=1)  # WRN-10-1
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)), train=False)
+      >>> model.apply(variables, jnp.ones((2, 8, 8, 1)), train=False).shape
+      (2, 10)
   """
   del input_shape
   classes = {"mlp": MLP, "cnn": CNN, "wrn": WideResNet, "transformer": TransformerClassifier, "gcn": GCN}

@@ -445,6 +445,22 @@ def train(
     ``train_batch_loss``, ``steps_per_second``, ``sharpness`` (the epoch's mean
     ``L(w + eps) - L(w)``, sharpness-aware optimizers only) and, with a test
     set, ``test_loss`` and ``test_acc``.
+
+  Example (one epoch of SAM on 256 digits; :func:`evaluate` scores the result)::
+
+      >>> from sam_optax.experiments.data import load_dataset
+      >>> from sam_optax.experiments.models import get_model
+      >>> dataset = load_dataset("digits", train_size=256, test_size=64)
+      >>> model = get_model("mlp", dataset.num_classes)
+      >>> config = TrainConfig(optimizer="sam", rho=0.05, epochs=1, batch_size=64)
+      >>> result = train(model, dataset.x_train, dataset.y_train, config,
+      ...                x_test=dataset.x_test, y_test=dataset.y_test, progress=False)
+      >>> sorted(result.history[-1])
+      ['epoch', 'sharpness', 'steps_per_second', 'test_acc', 'test_loss', 'train_batch_loss']
+      >>> loss, accuracy = evaluate(model, result.state.params, result.state.batch_stats,
+      ...                           dataset.x_test, dataset.y_test)
+      >>> 0.0 <= accuracy <= 1.0
+      True
   """
   start_time = time.perf_counter()
   n, steps_per_epoch, total_steps, loss_fn, log_sharpness, grad_fn = _run_setup(model, x_train, config)
