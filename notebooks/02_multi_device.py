@@ -142,10 +142,13 @@ def global_step(params, opt_state, batch):
 params = jax.device_put(init(jax.random.key(0)), replicated)
 opt_state = jax.device_put(global_tx.init(init(jax.random.key(0))), replicated)
 global_losses = []
-for step in range(STEPS):
-    batch = jax.device_put(batches(step), data_sharding)
-    params, opt_state, loss = global_step(params, opt_state, batch)
-    global_losses.append(float(loss))
+# With Explicit axes, run the step inside the mesh: jax >= 0.11 refuses, outside one, to transpose
+# optax's integer-label cross-entropy of a batch sharded over them.
+with jax.set_mesh(mesh):
+    for step in range(STEPS):
+        batch = jax.device_put(batches(step), data_sharding)
+        params, opt_state, loss = global_step(params, opt_state, batch)
+        global_losses.append(float(loss))
 print(f"jit + NamedSharding: loss {global_losses[0]:.3f} -> {global_losses[-1]:.3f}")
 print("batch sharding:", batch["x"].sharding)
 assert global_losses[-1] < global_losses[0]

@@ -228,3 +228,42 @@ def test_device_loop_basis_is_sharded_like_the_params(mode):
   np.testing.assert_allclose(rows["sharded"], rows["single"], atol=1e-4)
   tolerance = 1e-5 if mode == "full" else np.sqrt(np.finfo(np.float32).eps)
   np.testing.assert_allclose(rows["sharded"] @ rows["sharded"].T, np.eye(12), atol=tolerance)
+
+
+@pytest.mark.parametrize("linearize", [None, True, False])
+def test_programs_run_in_the_inputs_explicit_mesh(linearize):
+  """jax >= 0.11 applies a gradient linearised on inputs sharded over Explicit axes only inside a mesh context
+  (outside one: a ShardingTypeError from logsumexp's abs, which jax 0.10 did not raise). The operator enters the
+  inputs' mesh when the caller has set none, so every program that traces the loss sees it; unsharded inputs get
+  no mesh; a caller's own mesh context works as before. The products equal the unsharded ones."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  params = jax.device_put(PARAMS, NamedSharding(mesh, P()))
+  batches = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in BATCHES]
+  seen = []
+
+  def recording(params, batch):  # a new function each time: jit caches programs by the loss function
+    seen.append(jax.sharding.get_abstract_mesh())
+    return loss_fn(params, batch)
+
+  recording_loss = lambda *args: recording(*args)  # noqa: E731
+  operator = analysis.hessian_operator(recording_loss, params, batches, linearize=linearize)
+  product = operator.matvec(params)
+  block = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), params)
+  forms = operator.quadratic_forms(block)
+  assert seen and all(m.axis_names == ("data",) for m in seen), seen
+  plain = analysis.hessian_operator(loss_fn, PARAMS, BATCHES, linearize=linearize)
+  for got, want in zip(jax.tree.leaves(product), jax.tree.leaves(plain.matvec(PARAMS))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(forms), np.asarray(plain.quadratic_forms(
+      jax.tree.map(lambda x: jnp.stack([x, 2 * x]), PARAMS))), rtol=1e-4)
+  seen.clear()
+  recording_loss = lambda *args: recording(*args)  # noqa: E731
+  analysis.hessian_operator(recording_loss, PARAMS, BATCHES, linearize=linearize).matvec(PARAMS)
+  assert seen and all(m.empty for m in seen)
+  seen.clear()
+  recording_loss = lambda *args: recording(*args)  # noqa: E731
+  with jax.set_mesh(mesh):  # the caller's own: used as it is
+    inside = analysis.hessian_operator(recording_loss, params, batches, linearize=linearize).matvec(params)
+  assert seen and all(m.axis_names == ("data",) for m in seen)
+  for got, want in zip(jax.tree.leaves(inside), jax.tree.leaves(product)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)

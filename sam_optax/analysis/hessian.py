@@ -637,6 +637,40 @@ class HessianOperator(NamedTuple):
   uses_convolution: Callable[[], bool] = lambda: False
 
 
+def _explicit_mesh(*trees: Any) -> Any:
+  """The mesh of the first array in ``trees`` sharded over a mesh with Explicit axes, else ``None``."""
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  if explicit is None or not hasattr(jax, "set_mesh") or not hasattr(jax.sharding, "get_abstract_mesh"):
+    return None  # an older jax: no Explicit axes, or no jax.set_mesh (nothing to enter; it needed none)
+  for leaf in jax.tree.leaves(trees):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and explicit in getattr(sharding.mesh, "axis_types", ()):
+      return sharding.mesh
+  return None
+
+
+def _in_mesh(mesh: Any, fn: Callable) -> Callable:
+  """``fn`` called under ``jax.set_mesh(mesh)`` unless a mesh is set already (``mesh`` None: ``fn`` itself).
+
+  On inputs sharded over Explicit axes, jax >= 0.11 refuses to apply a
+  gradient linearised by ``jax.linearize`` outside a mesh context (a
+  ``ShardingTypeError``, "select cases must have the same shardings", from
+  ``logsumexp``'s ``abs``; jax 0.10 accepted it). The operator's programs
+  therefore run in the inputs' own mesh, as ``jax.set_mesh`` would.
+  """
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def in_mesh(*args, **kwargs):
+    if not jax.sharding.get_abstract_mesh().empty:
+      return fn(*args, **kwargs)
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return in_mesh
+
+
 def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = True,
                      linearize: Optional[bool] = None) -> HessianOperator:
   """``v -> H v`` on pytrees laid out like ``params``, H the Hessian of the batch-size-weighted mean loss.
@@ -673,10 +707,11 @@ def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = 
   counter = [0]
   if not jit:
     linearize = False
+  mesh = _explicit_mesh(params, batches)
   if linearize is None:
-    residual_bytes = sum(_residual_bytes(loss_fn, *_abstract((params, b))) for b in batches)
+    residual_bytes = _in_mesh(mesh, lambda: sum(_residual_bytes(loss_fn, *_abstract((params, b))) for b in batches))()
     linearize = residual_bytes <= LINEARIZE_BUDGET_BYTES
-  linears = [_linearize(loss_fn, params, b) for b in batches] if linearize else None
+  linears = _in_mesh(mesh, lambda: [_linearize(loss_fn, params, b) for b in batches])() if linearize else None
   hvp_into = _hvp_into if jit else _hvp_into_impl
   quad_into = _quad_into if jit else _quad_into_impl
   layouts = {False: _leaf_shardings(params, stacked=False), True: _leaf_shardings(params, stacked=True)}
@@ -722,6 +757,8 @@ def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = 
     fn, data = (None, tuple(linears)) if linears is not None else (loss_fn, tuple(batches))
     return _lanczos_loop(fn, full, state, tuple(weights), params, data, stop)
 
+  apply, quadratic_forms, lanczos_step, lanczos_loop = (
+      _in_mesh(mesh, fn) for fn in (apply, quadratic_forms, lanczos_step, lanczos_loop))
   return HessianOperator(lambda v: apply(v, False), lambda v: apply(v, True), quadratic_forms, params,
                          num_params, bool(linearize), counter, lanczos_step if jit else None,
                          lanczos_loop if jit else None, lambda: _uses_convolution(loss_fn, params, batches[0]))
