@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from sam_optax.experiments import cli
+from sam_optax.experiments.data import DATASETS
 
 RUN_KEYS = {"train_loss", "train_acc", "test_loss", "test_acc", "gen_gap", "lambda_max", "lambda_min",
             "lambda_ratio", "hessian_trace", "sharpness", "seconds", "step_time_ratio", "per_seed"}
@@ -63,6 +65,13 @@ def test_compare_end_to_end(tmp_path, capsys):
         (["--model", "resnet"], "unknown model 'resnet'"),
         (["--group-size", "5"], "--group-size must be a positive divisor of --batch-size (64)"),
         (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+        (["--dataset", "tu:"], "unknown dataset 'tu:'; choose from digits, "),
+        # A model that cannot take the data is refused before training, with the auto choice named.
+        (["--dataset", "synthetic_sequences", "--model", "cnn"],
+         "cnn takes image (B, H, W, C) arrays, got shape (2, 32, 1); --model auto trains transformer on "
+         "synthetic_sequences"),
+        (["--dataset", "synthetic_graphs", "--model", "mlp"],
+         "mlp takes batched (B, ...) arrays, got a dict of edge_mask, edges, node_mask, nodes"),
     ],
 )
 def test_bad_options_exit_nonzero_with_a_clear_message(tmp_path, arguments, message):
@@ -143,3 +152,38 @@ def test_dataset_help_names_every_dataset(capsys):
   assert "mitbih" in help_text and "mutagenicity" in help_text
   for name in cli.DATASETS:
     assert name in help_text
+
+
+def test_any_tudataset_runs_by_its_name_with_the_gcn(tmp_path, capsys):
+  from test_data import write_tudataset  # pylint: disable=import-outside-toplevel
+
+  # 24 small graphs in the TUDataset text format: rings (label 1) and paths (label 0).
+  graphs = []
+  for g in range(24):
+    size = 3 + g % 4
+    edges = [(i, i + 1) for i in range(size - 1)] + ([(0, size - 1)] if g % 2 else [])
+    graphs.append((size, edges, [g % 3] * size, g % 2))
+  write_tudataset(tmp_path / "DS", "DS", graphs)
+  argv = ["--dataset", "tu:DS", "--data-dir", str(tmp_path / "DS"), "--epochs", "2", "--batch-size", "8",
+          "--optimizers", "adam,sam", "--base", "adam", "--no-analysis", "--no-plots", "--no-progress"]
+  assert cli.check_compare(argv).dataset == "tu:DS"
+  assert cli.main(["compare", *argv, "--out", str(tmp_path / "run")]) == 0
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["config"]["model"] == "gcn"  # --model auto on a graph set
+  assert results["config"]["train_size"] + results["config"]["test_size"] == 24
+  for run in results["runs"].values():
+    assert 0.0 <= run["test_acc"] <= 1.0 and run["train_loss"] > 0
+  assert "| sam |" in capsys.readouterr().out
+
+
+def test_auto_models_match_the_readme_table():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  table = readme.split("### Data and models", 1)[1].split("\n\n", 2)[1]
+  documented = {}
+  for row in table.splitlines()[2:]:
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    for name in re.findall(r"`([^`]+)`", cells[0]):
+      documented[name] = cells[-1].strip("`")
+  assert set(documented) == {*DATASETS, "tu:NAME"}
+  for name, model in documented.items():
+    assert cli.default_model(name) == model, name

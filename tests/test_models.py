@@ -112,3 +112,22 @@ def test_gcn_matches_dense_formula_and_is_permutation_invariant():
   permuted["edges"] = inverse[g["edges"]] * (g["edge_mask"][:, None] > 0)
   batch = jax.tree.map(lambda a: jnp.asarray(a)[None], permuted)
   np.testing.assert_allclose(model.apply(variables, batch)[0], model.apply(variables, graphs)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kind,message", [
+    ("mlp", "graphs", "mlp takes batched (B, ...) arrays, got a dict of edge_mask, edges, node_mask, nodes "
+                      "(padded graphs are for gcn)"),
+    ("cnn", "sequences", "cnn takes image (B, H, W, C) arrays, got shape (2, 24, 1)"),
+    ("wrn", "sequences", "wrn takes image (B, H, W, C) arrays, got shape (2, 24, 1)"),  # was a (3,) output
+    ("transformer", "images", "transformer takes sequence (B, length) or (B, length, channels) arrays, "
+                              "got shape (2, 8, 8, 1)"),
+    ("gcn", "images", "gcn takes padded graphs, a dict of nodes, edges, node_mask, edge_mask; got shape (2, 8, 8, 1)"),
+])
+def test_a_model_refuses_inputs_it_cannot_take(name, kind, message):
+  graphs = data.make_synthetic_graphs(0, train_size=4, test_size=2).x_train
+  inputs = {"images": jnp.ones((2, 8, 8, 1)), "sequences": jnp.ones((2, 24, 1)),
+            "graphs": jax.tree.map(lambda leaf: jnp.asarray(leaf[:2]), graphs)}
+  model = models.get_model(name, 3)
+  with pytest.raises(ValueError) as error:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), inputs[kind])
+  assert str(error.value) == message

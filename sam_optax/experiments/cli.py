@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from sam_optax.experiments.data import DATASETS
+from sam_optax.experiments.data import DATASETS, DatasetError, check_dataset_name
 
 ANALYSIS_EXAMPLES = 256  # training examples the Hessian and landscapes are computed on (PyHessian uses 200)
 # The study analyses six models: 128 examples keep its default run within 5 minutes on 2 CPU cores
@@ -57,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   compare.add_argument("--dataset", default="digits",
-                       help=f"one of {', '.join(DATASETS)} (digits is bundled with scikit-learn; "
-                            "see the README for where the others' files go)")
+                       help=f"one of {', '.join(DATASETS)}, or tu:NAME for any TUDataset (digits is "
+                            "bundled with scikit-learn; see the README for where the others' files go)")
   compare.add_argument("--data-dir", default=None, help="where dataset files are (Fashion-MNIST idx, CIFAR pickles)")
-  compare.add_argument("--model", default="auto", help="auto, mlp, cnn, wrn, transformer, gcn")
+  compare.add_argument("--model", default="auto",
+                       help="auto (the dataset's model in the README's table), mlp, cnn, wrn, transformer, gcn")
   compare.add_argument("--optimizers", default=None,
                        help="comma list from sgd, adam, sam, asam, fsam, gsam, looksam "
                             "(default: BASE,sam,fsam)")
@@ -211,8 +212,20 @@ def validate(args: argparse.Namespace) -> None:
 DEFAULT_MODEL = {
     "digits": "cnn", "fashion_mnist": "cnn", "cifar10": "wrn", "cifar100": "wrn",
     "gunpoint": "transformer", "italy_power_demand": "transformer",
-    "synthetic_sequences": "transformer", "synthetic_graphs": "gcn",
+    "synthetic_sequences": "transformer", "synthetic_graphs": "gcn", "mitbih": "transformer",
+    "mutagenicity": "gcn",
 }
+
+
+def default_model(dataset: str) -> str:
+  """The model ``--model auto`` trains on ``dataset`` (``tu:NAME`` graph sets get ``gcn``).
+
+  Example::
+
+      >>> default_model("fashion_mnist"), default_model("mitbih"), default_model("tu:MUTAG")
+      ('cnn', 'transformer', 'gcn')
+  """
+  return "gcn" if dataset.startswith("tu:") else DEFAULT_MODEL[dataset]
 
 
 def _mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
@@ -254,7 +267,7 @@ def run_compare(args: argparse.Namespace) -> dict:
   from sam_optax.experiments.train import TrainConfig, evaluate, train  # pylint: disable=import-outside-toplevel
 
   optimizers = _parse_optimizers(args.optimizers, args.base)
-  model_name = DEFAULT_MODEL.get(args.dataset, "mlp") if args.model == "auto" else args.model
+  model_name = default_model(args.dataset) if args.model == "auto" else args.model
   load_kwargs = {}
   if args.train_size is not None:
     load_kwargs["train_size"] = args.train_size
@@ -265,8 +278,14 @@ def run_compare(args: argparse.Namespace) -> dict:
     raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(dataset.y_train)})")
   try:
     model = models_lib.get_model(model_name, dataset.num_classes, dataset.input_shape)
+    # Shapes only, nothing computed: a model that cannot take these examples
+    # (a cnn on sequences, an mlp on graphs) fails here, not inside training.
+    examples = jax.tree.map(lambda leaf: leaf[:2], dataset.x_train)
+    key = jax.random.key(0)
+    jax.eval_shape(lambda x: model.init({"params": key, "dropout": key}, x, train=False), examples)
   except ValueError as error:
-    raise UsageError(str(error)) from error
+    hint = "" if args.model == "auto" else f"; --model auto trains {default_model(args.dataset)} on {args.dataset}"
+    raise UsageError(f"{error}{hint}") from error
   os.makedirs(args.out, exist_ok=True)
   config_record = {
       "dataset": args.dataset, "model": model_name, "optimizers": optimizers, "base": args.base,
@@ -343,8 +362,10 @@ def run_compare(args: argparse.Namespace) -> dict:
 def _check_compare(args: argparse.Namespace) -> None:
   validate(args)
   _parse_optimizers(args.optimizers, args.base)
-  if args.dataset not in DATASETS:
-    raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+  try:
+    check_dataset_name(args.dataset)
+  except DatasetError as error:
+    raise UsageError(str(error)) from error
   from sam_optax.experiments.models import MODELS  # pylint: disable=import-outside-toplevel
 
   if args.model != "auto" and args.model not in MODELS:
@@ -398,11 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except UsageError as error:
     print(f"sam-optax: error: {error}", file=sys.stderr)
     return 2
-  except Exception as error:  # pylint: disable=broad-except
-    from sam_optax.experiments.data import DatasetError  # pylint: disable=import-outside-toplevel
-
-    if not isinstance(error, DatasetError):
-      raise
+  except DatasetError as error:
     # Unknown dataset names, missing data files: one clear line, no traceback.
     print(f"sam-optax: error: {error}", file=sys.stderr)
     return 2

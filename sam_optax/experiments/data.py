@@ -44,6 +44,21 @@ class DatasetError(ValueError):
   """A dataset that is unknown or whose files are missing; the message says where to get it."""
 
 
+def check_dataset_name(name: str) -> None:
+  """Raises :class:`DatasetError` unless ``name`` is one of ``DATASETS`` or ``tu:NAME``.
+
+  Example::
+
+      >>> check_dataset_name("tu:MUTAG")  # any TUDataset, by its file prefix
+      >>> check_dataset_name("mnist")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      sam_optax.experiments.data.DatasetError: unknown dataset 'mnist'; choose from digits, ..., mutagenicity or tu:NAME
+  """
+  if not (name in DATASETS or (isinstance(name, str) and name.startswith("tu:") and len(name) > 3)):
+    raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or tu:NAME")
+
+
 class Dataset(NamedTuple):
   """A train/test split. Inputs are float32 (standardised); labels int32.
 
@@ -491,6 +506,7 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
       >>> load_dataset("digits", train_size=256, test_size=64).x_train.shape
       (256, 8, 8, 1)
   """
+  check_dataset_name(name)
   if name == "digits":
     data = load_digits(seed)
     x_train, y_train = _subset(data.x_train, data.y_train, train_size, seed)
@@ -511,10 +527,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
     return make_synthetic_graphs(seed, **sizes)
   if name == "mitbih":
     return load_mitbih(data_dir, seed, train_size, test_size)
-  if name == "mutagenicity" or name.startswith("tu:"):
-    return load_tudataset("Mutagenicity" if name == "mutagenicity" else name[3:], data_dir, seed,
-                          train_size=train_size, test_size=test_size)
-  raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+  return load_tudataset("Mutagenicity" if name == "mutagenicity" else name[3:], data_dir, seed,
+                        train_size=train_size, test_size=test_size)
 
 
 def add_label_noise(labels: np.ndarray, fraction: float, num_classes: int, seed: int = 0) -> np.ndarray:

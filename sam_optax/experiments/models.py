@@ -20,13 +20,23 @@ name               model                                        input ``x``
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 MODELS = ("mlp", "cnn", "wrn", "transformer", "gcn")
+GRAPH_KEYS = ("nodes", "edges", "node_mask", "edge_mask")
+
+
+def _check_array_input(model: str, x: Any, ranks: Sequence[int], layout: str) -> None:
+  """A clear error, at trace time, for an input the model cannot take (not a crash deep inside it)."""
+  if isinstance(x, Mapping):
+    raise ValueError(f"{model} takes {layout} arrays, got a dict of {', '.join(map(str, x))} "
+                     "(padded graphs are for gcn)")
+  if getattr(x, "ndim", None) not in ranks:
+    raise ValueError(f"{model} takes {layout} arrays, got shape {getattr(x, 'shape', type(x).__name__)}")
 
 
 class MLP(nn.Module):
@@ -38,6 +48,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
+    _check_array_input("mlp", x, range(2, 9), "batched (B, ...)")
     x = x.reshape(x.shape[0], -1)
     for size in self.hidden_sizes:
       x = nn.relu(nn.Dense(size)(x))
@@ -54,6 +65,7 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
+    _check_array_input("cnn", x, (4,), "image (B, H, W, C)")
     for features in self.features:
       x = nn.relu(nn.Conv(features, (3, 3), padding="SAME")(x))
       if x.shape[1] >= 4:
@@ -98,6 +110,7 @@ class WideResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n + 4 (10, 16, 22, 28, ...), got {self.depth}")
+    _check_array_input("wrn", x, (4,), "image (B, H, W, C)")
     blocks = (self.depth - 4) // 6
     x = nn.Conv(16, (3, 3), padding="SAME", use_bias=False)(x)
     for group, channels in enumerate((16, 32, 64)):
@@ -128,6 +141,7 @@ class TransformerClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    _check_array_input("transformer", x, (2, 3), "sequence (B, length) or (B, length, channels)")
     if x.ndim == 2:
       x = x[..., None]
     batch, length, channels = x.shape
@@ -172,6 +186,10 @@ class GCN(nn.Module):
   @nn.compact
   def __call__(self, graphs, train: bool = False):
     del train
+    if not isinstance(graphs, Mapping) or any(key not in graphs for key in GRAPH_KEYS):
+      got = f"a dict of {', '.join(map(str, graphs))}" if isinstance(graphs, Mapping) else (
+          f"shape {getattr(graphs, 'shape', type(graphs).__name__)}")
+      raise ValueError(f"gcn takes padded graphs, a dict of {', '.join(GRAPH_KEYS)}; got {got}")
     nodes, edges = graphs["nodes"], graphs["edges"]
     node_mask = graphs["node_mask"].astype(nodes.dtype)
     edge_mask = graphs["edge_mask"].astype(nodes.dtype)
