@@ -721,3 +721,93 @@ def test_device_loops_only_where_their_basis_fits():
   assert not fits(vector_bytes=100, bytes_limit=64 * 100 * 2 + 1000, bytes_in_use=1001)
   assert not fits(vector_bytes=4 * 10 ** 9, bytes_limit=80 * 10 ** 9, bytes_in_use=0)  # a 1B model on 80 GB
   assert analysis.hessian._loop_fits(PARAMS)
+
+
+def _dense_eigh(loss, params, batch):
+  flat_params, unravel = ravel_pytree(params)
+  hessian = np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat_params), np.float64)
+  return np.linalg.eigh(0.5 * (hessian + hessian.T))
+
+
+@pytest.mark.parametrize("design", ["host", "fused", "loop"])
+def test_repeated_eigenvalues_come_with_their_multiplicity(design, monkeypatch):
+  """A start vector reaches each eigenspace in one direction: its Krylov space turns invariant before top_k
+  values. The result still has top_k eigenvalues, with multiplicity, as numpy's dense eigh has them."""
+  force_design(monkeypatch, design)
+  quadratic = lambda w, batch: 0.5 * jnp.sum(batch * w ** 2)  # noqa: E731  H = diag(batch)
+  curvature = jnp.asarray([1.0, 1.0, 2.0, 2.0, 2.0, 5.0, 5.0, 1.0])
+  # A rank-5 Hessian with 40 parameters: eigenvalue 0 has multiplicity 35.
+  x = jax.random.normal(jax.random.key(1), (5, 40))
+  least_squares = lambda w, x: 0.5 * jnp.mean((x @ w) ** 2)  # noqa: E731
+  cases = [(quadratic, jnp.ones(8), curvature, 4), (quadratic, jnp.ones(8), curvature, 8),
+           (least_squares, jnp.ones(40), x, 8), (quadratic, jnp.ones(4), jnp.zeros(4), 2)]
+  for loss, params, batch, top_k in cases:
+    values, vectors = _dense_eigh(loss, params, batch)
+    want = values[np.argsort(-np.abs(values))[:top_k]]
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # converged: no "not converged" warning
+      result = analysis.hessian_eigenvalues(loss, params, [batch], top_k=top_k, key=jax.random.key(0))
+    assert result.eigenvalues.shape == (top_k,) and len(result.eigenvectors) == top_k
+    assert result.num_hvps <= top_k + 2
+    np.testing.assert_allclose(result.eigenvalues, want, rtol=1e-5, atol=1e-5 * abs(want[0]) + 1e-7)
+    hessian = vectors @ np.diag(values) @ vectors.T
+    found = np.stack([np.asarray(v, np.float64) for v in result.eigenvectors])
+    np.testing.assert_allclose(found @ found.T, np.eye(top_k), atol=1e-5)  # orthonormal, as eigh's
+    np.testing.assert_allclose(found @ hessian, result.eigenvalues[:, None] * found,
+                               atol=1e-5 * max(1.0, abs(want[0])))
+
+
+@pytest.mark.parametrize("name", sorted(_ENTRY_POINTS))
+def test_a_loss_that_is_not_a_scalar_is_refused_by_name(name):
+  per_example = lambda w, batch: 0.5 * (batch @ w) ** 2  # noqa: E731  .mean() forgotten
+  with pytest.raises(ValueError, match=f"^{name}: loss_fn must return a scalar .* got shape \\(7,\\)"):
+    _ENTRY_POINTS[name](per_example, jnp.ones(3), [jnp.ones((7, 3))])
+
+
+def test_batches_without_examples_are_left_out():
+  """Weight n_b / n = 0: an empty batch changes nothing (its mean loss, NaN, used to poison the sums)."""
+  loss = lambda w, x: 0.5 * jnp.mean((x @ w) ** 2)  # noqa: E731
+  x = jax.random.normal(jax.random.key(1), (20, 3))
+  w, key = jnp.ones(3), jax.random.key(0)
+  full, with_empty = [x[:10], x[10:]], [x[:10], x[10:], x[20:]]
+  assert with_empty[2].shape == (0, 3)
+  for batches in (full, with_empty):
+    trace = analysis.hessian_trace(loss, w, batches, 8, key=key).trace
+    surface = analysis.loss_surface_1d(loss, w, batches, w, [0.0, 1.0])
+    top = analysis.hessian_eigenvalues(loss, w, batches, key=key).eigenvalues
+    assert np.isfinite(trace) and np.all(np.isfinite(surface))
+  np.testing.assert_allclose(surface, [float(loss(w, x)), float(loss(2 * w, x))], rtol=1e-6)
+  np.testing.assert_allclose(trace, analysis.hessian_trace(loss, w, full, 8, key=key).trace, rtol=1e-6)
+  np.testing.assert_allclose(top, np.linalg.eigvalsh(np.asarray(x.T @ x / 20, np.float64))[-1:], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"^hessian_trace: every batch has zero examples \(leading dimensions \[0\]\)"):
+    analysis.hessian_trace(loss, w, [x[:0]], 8, key=key)
+
+
+def test_an_unhashable_loss_is_traced_on_every_call():
+  """A mutable dataclass cannot be a cached static argument: it is accepted, and never seen with stale fields."""
+
+  @dataclasses.dataclass
+  class ScaledLoss:
+    scale: float
+
+    def __call__(self, w, x):
+      return 0.5 * self.scale * jnp.mean((x @ w) ** 2)
+
+  x = jax.random.normal(jax.random.key(1), (20, 3))
+  exact = np.linalg.eigvalsh(np.asarray(x.T @ x / 20, np.float64))[-1]
+  loss = ScaledLoss(1.0)
+  for scale in (1.0, 10.0):
+    loss.scale = scale
+    result = analysis.hessian_eigenvalues(loss, jnp.ones(3), [x], key=jax.random.key(0))
+    np.testing.assert_allclose(result.eigenvalues, [scale * exact], rtol=1e-5)
+    np.testing.assert_allclose(analysis.hessian_trace(loss, jnp.ones(3), [x], 4, key=jax.random.key(0)).trace,
+                               analysis.hessian_trace(ScaledLoss(scale), jnp.ones(3), [x], 4,
+                                                      key=jax.random.key(0)).trace, rtol=1e-6)
+
+
+def test_loss_surface_2d_flattens_its_coordinates():
+  loss = lambda w, batch: 0.5 * jnp.mean(batch * w ** 2)  # noqa: E731
+  out = analysis.loss_surface_2d(loss, jnp.zeros(2), [jnp.array([1.0, 2.0])], jnp.array([1.0, 0.0]),
+                                 jnp.array([0.0, 1.0]), [[0.0, 1.0], [2.0, 3.0]], 0.5)
+  assert out.shape == (4, 1)
+  np.testing.assert_allclose(out[:, 0], [0.25 * (x ** 2 + 2 * 0.25) for x in (0.0, 1.0, 2.0, 3.0)], rtol=1e-6)

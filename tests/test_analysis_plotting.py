@@ -47,3 +47,17 @@ def test_bad_results_are_rejected_by_name(tmp_path, name, argument):
   with pytest.raises(ValueError, match=f"^{name}: {argument} is empty"):
     getattr(plotting, name)({}, str(path))
   assert not path.exists()
+
+
+def test_plain_lists_plot_like_arrays(tmp_path):
+  """Results written by hand (or read back from JSON) are lists: every plot takes them."""
+  grid = [-1.0, 0.0, 1.0, 2.0]
+  xs = ys = [-1.0, 0.0, 1.0]
+  losses = [[x * x + y * y for y in ys] for x in xs]
+  for plot, results in ((plotting.plot_spectral_density, {"sam": (grid, [0.1, 0.5, 0.3, 0.1])}),
+                        (plotting.plot_loss_surface_1d, {"sam": (grid, [1.0, 0.0, 1.0, 4.0])}),
+                        (plotting.plot_loss_contour, {"sam": (xs, ys, losses)}),
+                        (plotting.plot_loss_surface_3d, {"sam": (xs, ys, losses)})):
+    path = plot(results, str(tmp_path / f"{plot.__name__}.png"))
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"

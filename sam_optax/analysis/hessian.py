@@ -112,7 +112,11 @@ def batch_size(batch: Any, name: str = "batch_size", what: str = "a batch") -> i
 
 
 def _as_batch_list(batches: Any, name: str) -> list:
-  """``batches`` as a list, each batch checked for a leading batch dimension (errors name ``name``)."""
+  """``batches`` as a list, each batch checked for a leading batch dimension (errors name ``name``).
+
+  Batches of zero examples are left out: their weight ``n_b / n`` is 0, and
+  the mean loss of an empty batch is NaN (0 * NaN would poison the sums).
+  """
   # A mapping or an array is one batch, not a sequence of them: iterating it would silently make each key or
   # each example a batch.
   if isinstance(batches, (Mapping, np.ndarray, jax.Array)) or not isinstance(batches, Iterable):
@@ -121,13 +125,54 @@ def _as_batch_list(batches: Any, name: str) -> list:
   batches = list(batches)
   if not batches:
     raise ValueError(f"{name}: batches is empty; pass at least one batch.")
-  for index, batch in enumerate(batches):
-    batch_size(batch, name, f"batches[{index}]")
-  return batches
+  sizes = [batch_size(batch, name, f"batches[{index}]") for index, batch in enumerate(batches)]
+  if not any(sizes):
+    raise ValueError(f"{name}: every batch has zero examples (leading dimensions {sizes}).")
+  return [batch for batch, size in zip(batches, sizes) if size]
 
 
-def _check_problem(loss_fn: Any, params: Any, batches: Any, name: str, jit: Any = True) -> tuple[Any, list]:
-  """The checks shared by every entry point: ``loss_fn`` callable, ``params`` floating point, ``batches``, ``jit``."""
+class _CheckedLoss:
+  """``loss_fn`` with its output checked to be a scalar when traced (no cost at run time).
+
+  It is a static argument of the jitted programs, so it hashes and compares
+  like ``loss_fn`` (compiled programs are reused across calls with the same
+  function, as ``jax.jit`` reuses them); an unhashable callable (a mutable
+  dataclass with ``__call__``) is compared by this wrapper's identity instead,
+  so it is traced afresh on each call and never with stale attributes.
+  """
+
+  __slots__ = ("fn", "name", "cache_key", "__weakref__")
+
+  def __init__(self, fn: Callable, name: str):
+    self.fn, self.name = fn, name
+    try:
+      hash(fn)
+      self.cache_key = fn  # what the module's per-loss caches are keyed on
+    except TypeError:
+      self.cache_key = self
+
+  def __hash__(self) -> int:
+    return object.__hash__(self) if self.cache_key is self else hash(self.cache_key)
+
+  def __eq__(self, other: Any) -> bool:
+    if not isinstance(other, _CheckedLoss):
+      return NotImplemented
+    if self.cache_key is self or other.cache_key is other:
+      return self is other
+    return self.cache_key == other.cache_key
+
+  def __call__(self, params: Any, batch: Any) -> jax.Array:
+    value = self.fn(params, batch)
+    if np.shape(value) != ():
+      raise ValueError(f"{self.name}: loss_fn must return a scalar (the mean loss over the batch), got shape "
+                       f"{np.shape(value)}; reduce it, e.g. with .mean().")
+    return value
+
+
+def _check_problem(loss_fn: Any, params: Any, batches: Any, name: str,
+                   jit: Any = True) -> tuple[Callable, Any, list]:
+  """The checks shared by every entry point: ``loss_fn`` callable (and scalar, when traced), ``params`` floating
+  point, ``batches`` (empty ones left out), ``jit``. Returns ``(loss_fn, params, batches)``."""
   _common.check_flag(jit, "jit", name)
   if not callable(loss_fn):
     raise TypeError(f"{name}: loss_fn must be a callable loss_fn(params, batch) -> scalar, got "
@@ -136,7 +181,9 @@ def _check_problem(loss_fn: Any, params: Any, batches: Any, name: str, jit: Any 
   if not jax.tree.leaves(params) or any(not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params)):
     raise TypeError(f"{name}: params must be a non-empty pytree of floating-point arrays, got leaves of dtypes "
                     f"{sorted({str(x.dtype) for x in jax.tree.leaves(params)})}.")
-  return params, _as_batch_list(batches, name)
+  if not isinstance(loss_fn, _CheckedLoss):
+    loss_fn = _CheckedLoss(loss_fn, name)
+  return loss_fn, params, _as_batch_list(batches, name)
 
 
 # Argument checks of the public functions: a clear error naming the argument, before any work (the core's
@@ -574,7 +621,7 @@ def _residual_bytes(loss_fn, treedef, leaves) -> int:
   product on a GPU, so repeated analyses of one model reuse it.
   """
   try:
-    known = _RESIDUAL_BYTES.setdefault(loss_fn, {})
+    known = _RESIDUAL_BYTES.setdefault(getattr(loss_fn, 'cache_key', loss_fn), {})
   except TypeError:  # not weakly referenceable: no cache
     known = {}
   if (treedef, leaves) not in known:
@@ -589,7 +636,7 @@ _CONVOLUTIONS = weakref.WeakKeyDictionary()  # loss_fn -> {(treedef, leaves): bo
 def _uses_convolution(loss_fn, params, batch) -> bool:
   """Whether ``H_batch v`` contains a convolution (its jaxpr, nested ones included), once per loss and shapes."""
   try:
-    known = _CONVOLUTIONS.setdefault(loss_fn, {})
+    known = _CONVOLUTIONS.setdefault(getattr(loss_fn, 'cache_key', loss_fn), {})
   except TypeError:  # not weakly referenceable: no cache
     known = {}
   key = _abstract((params, batch))
@@ -698,7 +745,7 @@ def hessian_operator(loss_fn: LossFn, params: Any, batches: Any, *, jit: bool = 
       >>> operator.matvec(jnp.ones(2))
       Array([2., 3.], dtype=float32)
   """
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_operator", jit)
+  loss_fn, params, batches = _check_problem(loss_fn, params, batches, "hessian_operator", jit)
   if linearize is not None:
     linearize = _common.check_flag(linearize, "linearize", "hessian_operator")
   weights = np.array([batch_size(b) for b in batches], np.float64)
@@ -1561,7 +1608,17 @@ def hessian_eigenvalues(
   PyHessian's power iteration stops on a relative *change* of 1e-3 between
   iterations, which often leaves it ~5e-3 from the exact value. Reaching
   ``max_iters`` first gives a ``RuntimeWarning`` with the worst residual
-  relative to its tolerance (``.residuals`` has each one).
+  relative to its tolerance (``.residuals`` has each one). A (near) zero
+  eigenvalue is converged once its residual is at the products' rounding
+  level, ``10 u max|theta|`` with ``u`` the accumulation dtype's epsilon.
+
+  A start vector meets each eigenspace in one direction, so a repeated
+  eigenvalue appears once in its Krylov space; when that space becomes
+  invariant (``beta ~ 0``) before ``top_k`` values, Lanczos restarts from a
+  new random vector projected out of everything found (fully
+  reorthogonalised), so multiplicities are returned as PyHessian's deflated
+  power iteration returns them: ``H = diag(5, 5, 2)`` gives ``[5, 5]`` for
+  ``top_k=2``.
 
   The Krylov basis and the eigenvectors ``y_i = sum_j s_{j,i} q_j`` are
   pytrees shaped and sharded like ``params`` and never leave the devices;
@@ -1603,7 +1660,7 @@ def hessian_eigenvalues(
   tol = _common.check_nonnegative(tol, "tol", "hessian_eigenvalues")
   key = _check_key(key, "hessian_eigenvalues")
   _check_reorthogonalize(reorthogonalize, "hessian_eigenvalues")
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_eigenvalues", jit)
+  loss_fn, params, batches = _check_problem(loss_fn, params, batches, "hessian_eigenvalues", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   top_k = min(top_k, operator.num_params)
   if max_iters < top_k:
@@ -1614,13 +1671,72 @@ def hessian_eigenvalues(
     order = np.argsort(-np.abs(values))[:top_k]
     if len(order) < top_k:
       return np.inf
-    return float(np.max(_relative_residuals(residuals[order], np.abs(values[order]), tol)))
+    # Relative to |theta|, but never below the products' rounding level (10 u ||H||): a (near) zero
+    # eigenvalue cannot have a residual tol * |theta|.
+    scale = np.abs(values[order])
+    if tol > 0:
+      scale = np.maximum(scale, 10 * _unit_roundoff() / tol * np.max(np.abs(values)))
+    return float(np.max(_relative_residuals(residuals[order], scale, tol)))
 
   values, vectors, residuals, eigenvectors = _operator_lanczos(operator, key, max_iters, top_k + 1, worst,
                                                                reorthogonalize)
+  if len(values) < top_k and operator.counter[0] < max_iters:
+    # The Krylov space of the start vector is invariant with fewer than top_k dimensions: H has repeated
+    # eigenvalues (a start vector reaches each eigenspace in one direction only). Go on in its complement.
+    values, residuals, found = _deflated_lanczos(operator, key, values, residuals, eigenvectors(vectors),
+                                                 top_k, max_iters, worst)
+    _warn_unless_converged("hessian_eigenvalues", worst(values, residuals), tol, max_iters, operator.counter[0])
+    order = np.argsort(-np.abs(values))[:top_k]
+    return EigenResult(values[order], [found[i] for i in order], operator.counter[0], residuals[order])
   _warn_unless_converged("hessian_eigenvalues", worst(values, residuals), tol, max_iters, operator.counter[0])
   order = np.argsort(-np.abs(values))[:top_k]
   return EigenResult(values[order], eigenvectors(vectors[:, order]), operator.counter[0], residuals[order])
+
+
+def _deflated_lanczos(operator: HessianOperator, key: jax.Array, values: np.ndarray, residuals: np.ndarray,
+                      found: list, top_k: int, max_iters: int, worst: Callable):
+  """Lanczos restarted in the orthogonal complement of an invariant Krylov space, until ``top_k`` values.
+
+  ``found``: the unit Ritz vectors spanning the invariant space (exact
+  eigenvectors, residuals ~0). Each restart draws a new Gaussian start
+  vector (``key`` folded with the restart's number), projects it and every
+  product ``H q`` out of all vectors found so far (two Gram-Schmidt passes),
+  and runs with full reorthogonalisation (the host loop: this path is for
+  small or degenerate Hessians). Stops at ``top_k`` converged values,
+  ``max_iters`` products in all, or when the complement is empty. Returns
+  ``(values, residuals, vectors)`` of everything found, in matching order.
+  """
+  dtype = _accumulation_dtype()
+  found = [jax.tree.map(lambda x: x.astype(dtype), y) for y in found]
+
+  def project(w):
+    for _ in range(2):  # DGKS: twice is enough
+      w, norm = _orthogonalise(_JITTED, w, found, False)
+    return w, norm
+
+  restart = 0
+  while len(values) < top_k and operator.counter[0] < max_iters and len(found) < operator.num_params:
+    restart += 1
+    start, norm = project(_start_vector(operator, jax.random.fold_in(key, restart)))
+    if float(_to_host(norm)[0]) <= 1e-6:  # the start vector lay in the span of the found ones: nothing left
+      break
+
+    def matvec(q):  # counted by the operator
+      return project(operator.matvec(q))[0]
+
+    def converged(new_values, new_residuals):
+      return worst(np.concatenate([values, new_values]), np.concatenate([residuals, new_residuals])) <= 1.0
+
+    alphas, betas, basis, lengths, _, scales = _lanczos_run(
+        _JITTED, matvec, start, max_iters - operator.counter[0], False, converged,
+        min(top_k - len(values) + 1, max_iters - operator.counter[0]), "full", own_start=True)
+    m = int(lengths[0])
+    new_values, new_vectors, new_residuals = _ritz_pairs(alphas[:m, 0], betas[:m, 0])
+    new_found = _ritz_vectors(_JITTED, basis[:m], new_vectors * scales[:m], operator.params, consume=True)
+    values, residuals = np.concatenate([values, new_values]), np.concatenate([residuals, new_residuals])
+    found += [jax.tree.map(lambda x: x.astype(dtype), y) for y in new_found]
+  like = operator.params
+  return values, residuals, [jax.tree.map(lambda x, p: x.astype(p.dtype), y, like) for y in found]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1680,7 +1796,7 @@ def hessian_extremes(
   tol = _common.check_nonnegative(tol, "tol", "hessian_extremes")
   max_iters = _common.check_static_int(max_iters, "max_iters", "hessian_extremes")
   key = _check_key(key, "hessian_extremes")
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_extremes", jit)
+  loss_fn, params, batches = _check_problem(loss_fn, params, batches, "hessian_extremes", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
 
   def worst(values, residuals):
@@ -1758,7 +1874,7 @@ def hessian_trace(
   num_samples = _common.check_static_int(num_samples, "num_samples", "hessian_trace", minimum=2)  # a stderr needs 2
   block_size = _common.check_static_int(block_size, "block_size", "hessian_trace")
   key = _check_key(key, "hessian_trace")
-  params, batches = _check_problem(loss_fn, params, batches, "hessian_trace", jit)
+  loss_fn, params, batches = _check_problem(loss_fn, params, batches, "hessian_trace", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit, linearize=False)  # forms need no HVP: no linearisation
   num_blocks = -(-num_samples // min(block_size, num_samples))
   block_size = -(-num_samples // num_blocks)  # as many calls, the least padding: 32 probes go as 4 x 8, not 4 x 10
@@ -1854,7 +1970,7 @@ def spectral_density(
   sigma_squared = _check_positive(sigma_squared, "sigma_squared", "spectral_density")
   overhead = _common.check_nonnegative(overhead, "overhead", "spectral_density")
   key = _check_key(key, "spectral_density")
-  params, batches = _check_problem(loss_fn, params, batches, "spectral_density", jit)
+  loss_fn, params, batches = _check_problem(loss_fn, params, batches, "spectral_density", jit)
   operator = hessian_operator(loss_fn, params, batches, jit=jit)
   iterations = min(num_iters, operator.num_params)
   keys = jax.random.split(key, num_runs)
@@ -1951,7 +2067,7 @@ def sharpness_summary(
   trace_samples = _common.check_static_int(trace_samples, "trace_samples", "sharpness_summary", minimum=2)
   trace_block_size = _common.check_static_int(trace_block_size, "trace_block_size", "sharpness_summary")
   tol = _common.check_nonnegative(tol, "tol", "sharpness_summary")
-  params, batches = _check_problem(loss_fn, params, batches, "sharpness_summary", jit)
+  loss_fn, params, batches = _check_problem(loss_fn, params, batches, "sharpness_summary", jit)
   key_extremes, key_trace = jax.random.split(_check_key(key, "sharpness_summary"))
   extremes = hessian_extremes(loss_fn, params, batches, key=key_extremes, tol=tol, jit=jit)
   trace = hessian_trace(loss_fn, params, batches, trace_samples, key=key_trace, jit=jit, block_size=trace_block_size)

@@ -74,7 +74,7 @@ def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: dict[str, A
   """Loss at ``params + sum_k c[k] * directions[k]`` for each row c of ``coordinates`` (``directions`` by
   argument name, for the errors of ``name``)."""
   chunk_size = _common.check_static_int(chunk_size, "chunk_size", name)
-  params, batches = _check_problem(loss_fn, params, batches, name)
+  loss_fn, params, batches = _check_problem(loss_fn, params, batches, name)
   for argument, direction in directions.items():
     _check_shaped_like(params, direction, argument, name)
   vectors = list(directions.values())
@@ -183,7 +183,7 @@ def loss_surface_2d(loss_fn: LossFn, params: Any, batches: Any, dir_x: Any, dir_
   Reference: Li, Xu, Taylor, Studer, Goldstein, "Visualizing the Loss
   Landscape of Neural Nets", NeurIPS 2018.
   """
-  xs, ys = np.asarray(xs, np.float32), np.asarray(ys, np.float32)
+  xs, ys = np.ravel(np.asarray(xs, np.float32)), np.ravel(np.asarray(ys, np.float32))
   grid = np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1).reshape(-1, 2)
   return _surface(loss_fn, params, batches, {"dir_x": dir_x, "dir_y": dir_y}, grid, chunk_size,
                   "loss_surface_2d").reshape(len(xs), len(ys))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import numpy as np
+
 
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -69,7 +71,7 @@ def plot_spectral_density(densities: Mapping[str, Any], path: str, *, title: str
   plt = _pyplot()
   figure, axis = plt.subplots(figsize=(6, 4))
   for label, result in densities.items():
-    grid, density = result[0], result[1]
+    grid, density = np.asarray(result[0]), np.asarray(result[1])
     axis.semilogy(grid, density + 1e-7, label=label)
   axis.set(xlabel="eigenvalue", ylabel="density (log scale)", title=title)
   axis.legend()
@@ -144,7 +146,7 @@ def plot_loss_contour(surfaces: Mapping[str, Any], path: str, *, levels: int = 3
   count = len(surfaces)
   figure, axes = plt.subplots(1, count, figsize=(4.5 * count, 4), squeeze=False)
   for axis, (label, (xs, ys, losses)) in zip(axes[0], surfaces.items()):
-    contour = axis.contour(xs, ys, losses.T, levels=levels)
+    contour = axis.contour(xs, ys, np.asarray(losses).T, levels=levels)
     axis.clabel(contour, inline=True, fontsize=7)
     axis.plot([0], [0], "k+")
     axis.set(xlabel="x", ylabel="y", title=f"{label}")
@@ -178,14 +180,12 @@ def plot_loss_surface_3d(surfaces: Mapping[str, Any], path: str, *,
   """
   _check_results(surfaces, "surfaces", "plot_loss_surface_3d", "(xs, ys, losses)")
   plt = _pyplot()
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
   count = len(surfaces)
   figure = plt.figure(figsize=(5 * count, 4.5))
   for index, (label, (xs, ys, losses)) in enumerate(surfaces.items()):
     axis = figure.add_subplot(1, count, index + 1, projection="3d")
     grid_x, grid_y = np.meshgrid(xs, ys, indexing="ij")
-    axis.plot_surface(grid_x, grid_y, losses, cmap="viridis", linewidth=0, antialiased=True)
+    axis.plot_surface(grid_x, grid_y, np.asarray(losses), cmap="viridis", linewidth=0, antialiased=True)
     axis.set(xlabel="x", ylabel="y", zlabel="loss", title=label)
   figure.suptitle(title)
   return _save(figure, path)
