@@ -101,8 +101,58 @@ def test_checkpoint_dir_resumes(tmp_path, capsys):
   assert (tmp_path / "ckpt" / "fsam_seed0").is_dir()
   # A second run finds the finished checkpoint and reproduces the same model.
   assert cli.main(arguments + ["--out", str(tmp_path / "b")]) == 0
-  second = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]["fsam"]
+  text = (tmp_path / "b" / "results.json").read_text()
+  second = json.loads(text)["runs"]["fsam"]
   assert first["test_loss"] == second["test_loss"] and first["train_acc"] == second["train_acc"]
+  # Nothing was trained the second time: the step time is the one the checkpoint's history recorded,
+  # not NaN (which json.dump wrote as a bare NaN, invalid JSON).
+  json.loads(text, parse_constant=lambda name: pytest.fail(f"results.json holds {name}"))
+  assert second["per_seed"][0]["step_seconds"] == pytest.approx(first["per_seed"][0]["step_seconds"], rel=1e-9)
+  assert second["step_time_ratio"] is None  # no base optimizer in this run
+
+
+def test_checkpoint_of_other_options_is_refused_before_training(tmp_path, capsys):
+  """A checkpoint resumes only the configuration that made it; a differing one is named in one line."""
+  common = ["compare", "--train-size", "256", "--test-size", "64", "--no-analysis", "--no-plots",
+            "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")]
+  assert cli.main(common + ["--epochs", "1", "--optimizers", "fsam", "--out", str(tmp_path / "a")]) == 0
+  capsys.readouterr()
+  # sgd would train first (it has no checkpoint): the fsam checkpoint is checked before it does.
+  rerun = common + ["--optimizers", "sgd,fsam", "--out", str(tmp_path / "b")]
+  assert cli.main(rerun + ["--epochs", "1", "--lr", "0.1", "--label-noise", "0.1"]) == 2
+  error = capsys.readouterr().err
+  assert error.count("\n") == 1 and "Traceback" not in error
+  assert "fsam_seed0 was saved by a run with other options: --label-noise 0.0 (now 0.1), --lr 0.05 (now 0.1)" \
+      in error
+  assert not (tmp_path / "b" / "results.json").exists() and not any((tmp_path / "ckpt" / "sgd_seed0").iterdir())
+  # The cosine schedule depends on the number of epochs: more epochs is another run too.
+  assert cli.main(rerun + ["--epochs", "2"]) == 2
+  assert "--epochs 1 (now 2)" in capsys.readouterr().err
+  # Another dataset or subset size is another run (the old model would be relabelled / mis-shaped).
+  assert cli.main(rerun + ["--epochs", "1", "--dataset", "synthetic_sequences"]) == 2
+  error = capsys.readouterr().err
+  assert "--dataset digits (now synthetic_sequences)" in error and "--model cnn (now transformer)" in error
+  assert "Traceback" not in error
+
+
+def test_a_diverged_run_is_reported_and_every_result_written(tmp_path, capsys):
+  """--lr 1e4 diverges to NaN weights: the Hessian analysis is skipped for it (Lanczos on NaN used to raise
+  LinAlgError and nothing was written), results.json stays strict JSON and the table says so."""
+  out = tmp_path / "run"
+  assert cli.main(["compare", "--train-size", "256", "--test-size", "64", "--epochs", "1", "--lr", "1e4",
+                   "--optimizers", "sgd", "--analysis-examples", "64", "--no-plots", "--no-progress",
+                   "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  run = json.loads((out / "results.json").read_text(),
+                   parse_constant=lambda name: pytest.fail(f"results.json holds {name}"))["runs"]["sgd"]
+  assert run["diverged"] is True and run["per_seed"][0]["diverged"] is True
+  assert run["train_loss"] is None and run["per_seed"][0]["lambda_max"] is None and run["lambda_max"] is None
+  assert 0.0 <= run["train_acc"] <= 1.0 and run["seconds"] > 0
+  row = next(line for line in printed.splitlines() if line.startswith("| sgd"))
+  assert row.startswith("| sgd (diverged) | nan |")
+  assert row.split(" | ")[6:8] == ["nan", "nan"]  # λmax, |λmax/λmin|: not computable, not "–"
+  rows = list(csv.DictReader(open(out / "results.csv")))
+  assert rows[0]["diverged"] == "True"
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -123,6 +173,19 @@ def test_non_finite_numbers_are_refused(arguments, message):
   with pytest.raises(cli.UsageError) as raised:
     cli.validate(args)
   assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--seeds=-1"], "--seeds must be integers >= 0, got -1"),
+    (["--seeds", "0,-3"], "--seeds must be integers >= 0, got 0,-3"),
+    (["--seeds", "0,1,0"], "--seeds lists a seed twice: 0,1,0"),
+])
+def test_negative_and_repeated_seeds_are_refused(capsys, arguments, message):
+  """numpy's generators refuse negative seeds (a traceback mid-run); a repeated seed fakes a zero spread."""
+  with pytest.raises(cli.UsageError, match=f"^{re.escape(message)}$"):
+    cli.check_compare(arguments)
+  assert cli.main(["compare", *arguments]) == 2
+  assert capsys.readouterr().err == f"sam-optax: error: {message}\n"
 
 
 @pytest.mark.parametrize("arguments, message", [

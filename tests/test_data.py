@@ -126,6 +126,71 @@ def test_ucr_from_data_dir(tmp_path):
   np.testing.assert_array_equal(ds.y_test, [1])
 
 
+def test_ucr_train_and_test_sizes_are_seeded_subsets(tmp_path):
+  """--train-size/--test-size subset both UCR splits, seeded like every other set (the test split was ignored)."""
+  folder = tmp_path / "GunPoint"
+  folder.mkdir()
+  rows = lambda count: "".join(f"{i},{i + 1},{2 * i},{i % 3}:{1 + i % 2}\n" for i in range(count))
+  (folder / "GunPoint_TRAIN.ts").write_text("@data\n" + rows(10))
+  (folder / "GunPoint_TEST.ts").write_text("@data\n" + rows(12))
+  full = data.load_dataset("gunpoint", data_dir=str(tmp_path))
+  for seed in (0, 3):
+    ds = data.load_dataset("gunpoint", data_dir=str(tmp_path), seed=seed, train_size=4, test_size=5)
+    assert ds.x_train.shape == (4, 4, 1) and ds.x_test.shape == (5, 4, 1) and len(ds.y_test) == 5
+    x_test, y_test = data._subset(full.x_test, full.y_test, 5, seed + 1)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(ds.x_test, x_test)
+    np.testing.assert_array_equal(ds.y_test, y_test)
+
+
+def write_fashion_mnist(directory, count=20):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+  labels = (np.arange(count) % 10).astype(np.uint8)
+  for stem, array in [("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels),
+                      ("t10k-images-idx3-ubyte", images[:10]), ("t10k-labels-idx1-ubyte", labels[:10])]:
+    write_idx(os.path.join(directory, stem + ".gz"), array)
+
+
+@pytest.mark.parametrize("damage", ["truncated gzip", "corrupt gzip", "truncated idx"])
+def test_corrupt_fashion_mnist_is_one_clear_line(tmp_path, capsys, damage):
+  from sam_optax.experiments import cli  # pylint: disable=import-outside-toplevel
+
+  write_fashion_mnist(str(tmp_path))
+  path = tmp_path / "train-images-idx3-ubyte.gz"
+  raw = path.read_bytes()
+  if damage == "truncated gzip":  # an interrupted download
+    path.write_bytes(raw[:len(raw) // 2])
+  elif damage == "corrupt gzip":
+    path.write_bytes(raw[:20] + bytes(b ^ 0xFF for b in raw[20:60]) + raw[60:])
+  else:  # a complete gzip of an incomplete idx file
+    with gzip.open(path, "rb") as f:
+      content = f.read()
+    with gzip.open(path, "wb") as f:
+      f.write(content[:1000])
+  with pytest.raises(data.DatasetError, match="corrupt or truncated"):
+    data.read_idx(str(path))
+  assert cli.main(["compare", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path), "--epochs", "1"]) == 2
+  error = capsys.readouterr().err
+  assert error.startswith(f"sam-optax: error: {path}: corrupt or truncated") and error.count("\n") == 1
+
+
+def test_corrupt_cifar_pickle_is_a_clear_error(tmp_path):
+  folder = tmp_path / "cifar-10-batches-py"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    with open(folder / name, "wb") as f:
+      pickle.dump({b"data": rng.integers(0, 256, size=(4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}, f)
+  raw = (folder / "data_batch_3").read_bytes()
+  (folder / "data_batch_3").write_bytes(raw[:len(raw) // 3])
+  with pytest.raises(data.DatasetError, match="data_batch_3: corrupt or truncated CIFAR pickle"):
+    data.load_dataset("cifar10", data_dir=str(tmp_path))
+  with open(folder / "data_batch_3", "wb") as f:
+    pickle.dump({b"pixels": [1, 2, 3]}, f)  # a pickle, but not a CIFAR batch
+  with pytest.raises(data.DatasetError, match="data_batch_3: corrupt CIFAR-10 batch"):
+    data.load_dataset("cifar10", data_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.4, 1.0])
 def test_label_noise_flips_exactly_the_fraction_to_other_classes(fraction):
   labels = np.random.default_rng(0).integers(0, 10, size=1001)

@@ -160,6 +160,8 @@ def test_validation_split_comes_from_the_training_set_only():
         (["--rho-grid", "gcn=abc"], "expected comma-separated numbers"),
         (["--validation-fraction", "1.5"], "--validation-fraction must be in (0, 1)"),
         (["--epochs", "0"], "--epochs must be positive"),
+        (["--seeds=-1"], "--seeds must be integers >= 0, got -1"),
+        (["--seeds", "2,2"], "--seeds lists a seed twice: 2,2"),
     ],
 )
 def test_bad_study_options_exit_2_with_a_clear_message(tmp_path, capsys, arguments, message):
@@ -174,3 +176,35 @@ def test_study_help_lists_the_options(capsys):
   for option in ("--models", "--optimizers", "--rho-grid", "--seeds", "--full", "--data-dir", "--out",
                  "--validation-fraction", "--no-vmap"):
     assert option in printed
+
+
+def test_every_models_data_is_loaded_before_any_training(tmp_path):
+  """A missing data set (here the attention pair's MIT-BIH, no --data-dir) fails before the W.ResNet trains,
+  not after it (with --full, after hours)."""
+  specs = study.study_models()
+  specs = {"wrn": dataclasses.replace(specs["wrn"], model_options=(("depth", 4),), batch_size=32),
+           "attention": dataclasses.replace(specs["attention"], dataset="mitbih")}
+  options = study.StudyOptions(out=str(tmp_path / "study"), models=("wrn", "attention"), seeds=(0,), epochs=1,
+                               progress=False, plots=False)
+  lines, selected = [], []
+  with pytest.raises(data.DatasetError, match="MIT-BIH heartbeats"):
+    study.run_study(options, datasets={"wrn": data.load_dataset("digits", train_size=64, test_size=32)},
+                    specs=specs, on_selected=lambda key, _: selected.append(key), log=lines.append)
+  assert selected == [] and not any("W.ResNet" in line for line in lines)
+
+
+def test_cifar_is_a_full_set_only_and_the_help_says_so(tmp_path, capsys):
+  """A cifar-10-batches-py/ in --data-dir does not replace the default W.ResNet's digits (the help said it did);
+  mitbih and Mutagenicity files do replace their defaults."""
+  (tmp_path / "cifar-10-batches-py").mkdir()
+  for name in ("mitbih_train.csv", "mitbih_test.csv", "Mutagenicity_A.txt"):
+    (tmp_path / name).write_text("")
+  default = study.study_models(data_dir=str(tmp_path))
+  assert (default["wrn"].dataset, default["attention"].dataset, default["gcn"].dataset) == (
+      "digits", "mitbih", "mutagenicity")
+  assert study.study_models(full=True, data_dir=str(tmp_path))["wrn"].dataset == "cifar10"
+  with pytest.raises(SystemExit):
+    cli.main(["study", "--help"])
+  printed = " ".join(capsys.readouterr().out.split())
+  assert ("Mutagenicity/ (TUDataset text format): sets found there replace the offline defaults; with --full "
+          "also cifar-10-batches-py/ (CIFAR-10 is used only with --full)") in printed

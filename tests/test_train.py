@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from sam_optax.experiments.checkpoint import Checkpointer
+from sam_optax.experiments.checkpoint import Checkpointer, ConfigMismatchError
 from sam_optax.experiments.train import TrainConfig, evaluate, train
 
 
@@ -87,6 +87,28 @@ def test_resume_from_checkpoint_is_bit_for_bit(digits, tmp_path, optimizer):
   for u, r in zip(a, b):
     np.testing.assert_array_equal(u, r)
   assert int(resumed.state.step) == 4 * (len(x) // 64)
+
+
+def test_checkpoint_resumes_only_its_own_configuration(digits, tmp_path):
+  x, y = digits[0][:256], digits[1][:256]
+  config = TrainConfig(optimizer="sam", epochs=2, batch_size=64, seed=0)
+  directory = str(tmp_path / "run")
+  first = train(SmallNet(), x, y, config, progress=False, checkpointer=Checkpointer(directory, config={"lr": 0.05}))
+  # Restored whole (nothing left to train): the step time is the one the saved history recorded, not NaN.
+  again = train(SmallNet(), x, y, config, progress=False, checkpointer=Checkpointer(directory, config={"lr": 0.05}))
+  assert again.history == first.history
+  assert again.step_seconds == pytest.approx(first.step_seconds, rel=1e-9)
+  assert Checkpointer(directory).saved_config() == {"lr": 0.05}
+  # Another configuration is refused before anything is restored or trained.
+  with pytest.raises(ConfigMismatchError, match=re.escape("different configuration: epochs None (now 3), "
+                                                          "lr 0.05 (now 0.1)")) as raised:
+    train(SmallNet(), x, y, config, progress=False,
+          checkpointer=Checkpointer(directory, config={"lr": 0.1, "epochs": 3}))
+  assert raised.value.differences == [("epochs", None, 3), ("lr", 0.05, 0.1)]
+  # A checkpoint saved without a configuration cannot be vouched for.
+  Checkpointer(str(tmp_path / "old")).save(first.state, 2, first.history)
+  with pytest.raises(ConfigMismatchError, match="records no configuration"):
+    Checkpointer(str(tmp_path / "old"), config={"lr": 0.05}).restore(first.state)
 
 
 class TinyNet(nn.Module):

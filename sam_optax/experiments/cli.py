@@ -14,7 +14,6 @@ and writes ``results.json``, ``results.csv`` and PNG plots (training curves,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -79,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument("--weight-decay", type=float, default=5e-4)
   compare.add_argument("--label-noise", type=float, default=0.0,
                        help="fraction of training labels replaced by a different random class")
-  compare.add_argument("--seeds", type=_int_list, default=[0], help="comma list; several give mean ± std")
+  compare.add_argument("--seeds", type=_int_list, default=[0],
+                       help="comma list of distinct integers >= 0; several give mean ± std")
   compare.add_argument("--train-size", type=int, default=None, help="use only this many training examples")
   compare.add_argument("--test-size", type=int, default=None, help="use only this many test examples")
   compare.add_argument("--out", default="runs/compare", help="output directory")
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training examples the Hessian and loss landscapes are computed on")
   compare.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
   compare.add_argument("--checkpoint-dir", default=None,
-                       help="save a checkpoint after every epoch and resume from the latest one")
+                       help="save a checkpoint after every epoch and resume from the latest one (refused if "
+                            "it was saved with other training options)")
   compare.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
   study = commands.add_parser(
@@ -113,13 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the rho grid, for every model (0.05,0.5) or one (gcn=0.01,0.05); repeatable. "
                           "Default: four values per model (wrn 0.05,0.2,0.5,2; attention 0.05,0.2,0.5,1; "
                           "gcn 0.01,0.05,0.1,0.5)")
-  study.add_argument("--seeds", type=_int_list, default=[0], help="comma list; several give mean ± std")
+  study.add_argument("--seeds", type=_int_list, default=[0],
+                     help="comma list of distinct integers >= 0; several give mean ± std")
   study.add_argument("--full", action="store_true",
                      help="the study's scale: WRN-28-10 on CIFAR-10 (tfds / Hugging Face / --data-dir), the "
                           "Transformer on MIT-BIH and the GCN on Mutagenicity (files in --data-dir), long schedules")
   study.add_argument("--data-dir", default=None,
-                     help="folder with mitbih_train.csv/mitbih_test.csv, Mutagenicity/ (TUDataset text "
-                          "format) and/or cifar-10-batches-py/; sets found there replace the offline defaults")
+                     help="folder with mitbih_train.csv/mitbih_test.csv and/or Mutagenicity/ (TUDataset text "
+                          "format): sets found there replace the offline defaults; with --full also "
+                          "cifar-10-batches-py/ (CIFAR-10 is used only with --full)")
   study.add_argument("--epochs", type=int, default=None, help="override every model's epochs")
   study.add_argument("--train-size", type=int, default=None, help="use only this many training examples per model")
   study.add_argument("--test-size", type=int, default=None, help="use only this many test examples per model")
@@ -146,6 +149,27 @@ def _parse_optimizers(text: Optional[str], base: str) -> list[str]:
   return names
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+  """Raises :class:`UsageError` unless ``seeds`` lists distinct integers >= 0 (numpy's generators refuse
+  negative seeds; a repeated seed fakes a spread of zero).
+
+  Example::
+
+      >>> check_seeds([0, 1, 2])
+      >>> check_seeds([0, 0])
+      Traceback (most recent call last):
+      ...
+      sam_optax.experiments.cli.UsageError: --seeds lists a seed twice: 0,0
+  """
+  if not seeds:
+    raise UsageError("--seeds needs at least one seed")
+  listed = ",".join(str(seed) for seed in seeds)
+  if any(seed < 0 for seed in seeds):
+    raise UsageError(f"--seeds must be integers >= 0, got {listed}")
+  if len(set(seeds)) != len(seeds):
+    raise UsageError(f"--seeds lists a seed twice: {listed}")
+
+
 def validate_study(args: argparse.Namespace):
   """The study's options as a :class:`~sam_optax.experiments.study.StudyOptions` (UsageError if bad)."""
   from sam_optax.experiments import study  # pylint: disable=import-outside-toplevel
@@ -164,8 +188,7 @@ def validate_study(args: argparse.Namespace):
     grids = study.parse_rho_grid(args.rho_grid)
   except ValueError as error:
     raise UsageError(str(error)) from error
-  if not args.seeds:
-    raise UsageError("--seeds needs at least one seed")
+  check_seeds(args.seeds)
   if not 0 < args.validation_fraction < 1:
     raise UsageError(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
   for name in ("epochs", "train_size", "test_size", "analysis_examples"):
@@ -199,8 +222,7 @@ def validate(args: argparse.Namespace) -> None:
     raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
   if args.base not in ("sgd", "adam"):
     raise UsageError(f"--base must be sgd or adam, got {args.base!r}")
-  if not args.seeds:
-    raise UsageError("--seeds needs at least one seed")
+  check_seeds(args.seeds)
   if args.analysis_examples < 1:
     raise UsageError("--analysis-examples must be positive")
   for name in ("train_size", "test_size"):
@@ -229,7 +251,8 @@ def default_model(dataset: str) -> str:
 
 
 def _mean_std(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
-  values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+  # None: not computed. NaN/inf (a diverged seed) are kept, so the mean shows the divergence.
+  values = [v for v in values if v is not None]
   if not values:
     return None, None
   return float(np.mean(values)), float(np.std(values))
@@ -251,9 +274,43 @@ def summarise(per_seed: dict[str, list[dict]]) -> dict[str, dict]:
     summary: dict[str, Any] = {}
     for metric in METRICS:
       summary[metric], summary[metric + "_std"] = _mean_std([r.get(metric) for r in records])
+    summary["diverged"] = any(bool(r.get("diverged")) for r in records)
     summary["per_seed"] = records
     runs[name] = summary
   return runs
+
+
+def checkpoint_config(args: argparse.Namespace, config, model_name: str, dataset) -> dict:
+  """What determines a compare run's training, recorded with its checkpoint: only a run with the same values
+  resumes it (``config``: the run's :class:`~sam_optax.experiments.train.TrainConfig`; defaults resolved)."""
+  from sam_optax.experiments.train import SHARPNESS_AWARE  # pylint: disable=import-outside-toplevel
+
+  record = {
+      "dataset": args.dataset, "model": model_name, "optimizer": config.optimizer, "base": config.base_name,
+      "epochs": config.epochs, "batch_size": config.batch_size, "lr": float(config.learning_rate),
+      "weight_decay": float(config.weight_decay), "label_noise": float(args.label_noise),
+      "train_size": int(len(dataset.y_train)), "test_size": int(len(dataset.y_test)), "seed": config.seed,
+  }
+  if config.optimizer in SHARPNESS_AWARE:
+    record.update(rho=float(config.radius), group_size=config.group_size)
+  if config.optimizer == "fsam":
+    record.update(sigma=float(config.sigma), lmbda=float(config.lmbda))
+  return record
+
+
+def _mismatch_message(directory: str, error) -> str:
+  if not error.differences:
+    return (f"--checkpoint-dir: {directory} holds a checkpoint that records no configuration (saved by an older "
+            f"version); delete it or pass another --checkpoint-dir")
+  listed = ", ".join(f"--{key.replace('_', '-')} {old} (now {new})" for key, old, new in error.differences)
+  return (f"--checkpoint-dir: {directory} was saved by a run with other options: {listed}; rerun with those, "
+          f"delete it or pass another --checkpoint-dir")
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+  if numerator is None or denominator is None or not (math.isfinite(numerator) and math.isfinite(denominator)):
+    return None
+  return numerator / denominator if denominator > 0 else None
 
 
 def run_compare(args: argparse.Namespace) -> dict:
@@ -298,35 +355,56 @@ def run_compare(args: argparse.Namespace) -> dict:
   per_seed: dict[str, list[dict]] = {name: [] for name in optimizers}
   curves: dict[str, list] = {}
   analyses: dict[str, dict] = {}
+  run_config = lambda name, seed: TrainConfig(
+      optimizer=name, base=args.base, rho=args.rho, sigma=args.sigma, lmbda=args.lmbda,
+      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+      weight_decay=args.weight_decay, seed=seed, group_size=args.group_size,
+  )
+  checkpointers: dict[tuple, Any] = {}
+  if args.checkpoint_dir:
+    # Every run's checkpoint is checked before anything trains: one saved with other options is refused.
+    from sam_optax.experiments.checkpoint import (  # pylint: disable=import-outside-toplevel
+        Checkpointer, ConfigMismatchError)
+
+    for seed in args.seeds:
+      for name in optimizers:
+        directory = os.path.join(args.checkpoint_dir, f"{name}_seed{seed}")
+        checkpointer = Checkpointer(
+            directory, config=checkpoint_config(args, run_config(name, seed), model_name, dataset))
+        checkpointers[name, seed] = checkpointer
+        try:
+          checkpointer.check_config()
+        except ConfigMismatchError as error:
+          for opened in checkpointers.values():
+            opened.close()
+          raise UsageError(_mismatch_message(directory, error)) from error
   for seed in args.seeds:
     y_train = dataset.y_train
     if args.label_noise > 0:
       y_train = data_lib.add_label_noise(y_train, args.label_noise, dataset.num_classes, seed=seed)
     for name in optimizers:
-      config = TrainConfig(
-          optimizer=name, base=args.base, rho=args.rho, sigma=args.sigma, lmbda=args.lmbda,
-          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-          weight_decay=args.weight_decay, seed=seed, group_size=args.group_size,
-      )
-      checkpointer = None
-      if args.checkpoint_dir:
-        from sam_optax.experiments.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-
-        checkpointer = Checkpointer(os.path.join(args.checkpoint_dir, f"{name}_seed{seed}"))
+      checkpointer = checkpointers.get((name, seed))
       result = train(
-          model, dataset.x_train, y_train, config, x_test=dataset.x_test, y_test=dataset.y_test,
+          model, dataset.x_train, y_train, run_config(name, seed), x_test=dataset.x_test, y_test=dataset.y_test,
           progress=not args.no_progress, description=f"{name} (seed {seed})", checkpointer=checkpointer,
       )
+      if checkpointer is not None:
+        checkpointer.close()
       state = result.state
       train_loss, train_acc = evaluate(model, state.params, state.batch_stats, dataset.x_train, y_train)
       test_loss, test_acc = evaluate(model, state.params, state.batch_stats, dataset.x_test, dataset.y_test)
+      diverged = report.diverged(state, train_loss)
       record: dict[str, Any] = {
           "seed": seed, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
           "test_acc": test_acc, "gen_gap": test_loss - train_loss, "seconds": result.seconds,
-          "step_seconds": result.step_seconds, "sharpness": last_epoch_sharpness(result.history),
+          "step_seconds": result.step_seconds if math.isfinite(result.step_seconds) else None,
+          "sharpness": last_epoch_sharpness(result.history), "diverged": diverged,
           "lambda_max": None, "lambda_min": None, "lambda_ratio": None, "hessian_trace": None,
       }
-      if not args.no_analysis:
+      if not args.no_analysis and diverged:
+        # No Hessian of non-finite weights: NaN (null in results.json) marks it, not "not computed".
+        record.update({key: float("nan") for key in report.ANALYSIS_KEYS})
+      elif not args.no_analysis:
         analysis = report.analyse(model, state, dataset, y_train, seed=seed,
                                   examples=args.analysis_examples,
                                   landscapes=seed == args.seeds[0] and not args.no_plots)
@@ -342,10 +420,10 @@ def run_compare(args: argparse.Namespace) -> dict:
   for name in optimizers:
     for i, record in enumerate(per_seed[name]):
       record["step_time_ratio"] = (
-          record["step_seconds"] / per_seed[reference][i]["step_seconds"] if reference else None)
+          _ratio(record["step_seconds"], per_seed[reference][i]["step_seconds"]) if reference else None)
   results = {"config": config_record, "runs": summarise(per_seed)}
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  # Non-finite numbers (a diverged run's losses) are written as null: results.json stays valid JSON.
+  report.write_json(results, os.path.join(args.out, "results.json"))
   report.write_csv(results, os.path.join(args.out, "results.csv"))
   table = report.markdown_table(results)
   with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -31,6 +31,7 @@ import importlib.util
 import os
 import pickle
 import struct
+import zlib
 from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -41,7 +42,7 @@ DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "gunpoint", "italy
 
 
 class DatasetError(ValueError):
-  """A dataset that is unknown or whose files are missing; the message says where to get it."""
+  """A dataset that is unknown or whose files are missing or corrupt; the message says where to get it."""
 
 
 def check_dataset_name(name: str) -> None:
@@ -116,20 +117,33 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads an idx file (MNIST format; gzip-compressed if the name ends in .gz)."""
+  """Reads an idx file (MNIST format; gzip-compressed if the name ends in .gz).
+
+  Raises:
+    DatasetError: not an idx file, or a corrupt or truncated one.
+  """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+    raise DatasetError(f"{path}: corrupt or truncated file ({type(error).__name__}: {error}); download it "
+                       f"again") from error
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
     raise DatasetError(f"{path} is not an idx file (bad magic number)")
   dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
   if data[2] not in dtypes:
     raise DatasetError(f"{path}: unknown idx element type 0x{data[2]:02x}")
   ndim = data[3]
+  dtype = np.dtype(dtypes[data[2]])
+  if len(data) < 4 + 4 * ndim:
+    raise DatasetError(f"{path}: corrupt or truncated idx file (the header ends early); download it again")
   shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-  array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
-  if array.size != int(np.prod(shape)):
-    raise DatasetError(f"{path}: expected {int(np.prod(shape))} elements, found {array.size}")
+  expected = int(np.prod(shape))
+  if len(data) - 4 - 4 * ndim != expected * dtype.itemsize:
+    raise DatasetError(f"{path}: corrupt or truncated idx file: expected {expected} elements, found "
+                       f"{(len(data) - 4 - 4 * ndim) / dtype.itemsize:g}; download it again")
+  array = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
   return array.reshape(shape)
 
 
@@ -177,10 +191,18 @@ def _cifar_from_pickles(directory: str, classes: int):
       path = os.path.join(root, name)
       if not os.path.exists(path):
         return None
-      with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-      xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-      ys.append(np.asarray(batch[label_key], np.int32))
+      try:
+        with open(path, "rb") as f:
+          batch = pickle.load(f, encoding="bytes")
+      except Exception as error:  # pylint: disable=broad-except  # unpickling fails in many ways
+        raise DatasetError(f"{path}: corrupt or truncated CIFAR pickle ({type(error).__name__}: {error}); "
+                           f"unpack cifar-{classes}-python.tar.gz again") from error
+      try:
+        xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(batch[label_key], np.int32))
+      except (KeyError, TypeError, ValueError) as error:
+        raise DatasetError(f"{path}: corrupt CIFAR-{classes} batch: no {label_key!r} and b'data' of "
+                           f"3072-pixel rows ({type(error).__name__}: {error})") from error
     return np.concatenate(xs), np.concatenate(ys)
 
   train, test = read(train_files), read(test_files)
@@ -519,7 +541,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, seed: int = 0,
   if name in UCR_NAMES:
     data = load_ucr(name, data_dir)
     x_train, y_train = _subset(data.x_train, data.y_train, train_size, seed)
-    return data._replace(x_train=x_train, y_train=y_train)
+    x_test, y_test = _subset(data.x_test, data.y_test, test_size, seed + 1)
+    return data._replace(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
   sizes = {k: v for k, v in (("train_size", train_size), ("test_size", test_size)) if v is not None}
   if name == "synthetic_sequences":
     return make_synthetic_sequences(seed, **sizes)

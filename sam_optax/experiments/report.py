@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 from typing import Any
 
@@ -14,6 +16,59 @@ from sam_optax.experiments.train import make_eval_loss_fn, num_examples, take
 
 LANDSCAPE_1D_POINTS = 41
 LANDSCAPE_2D_POINTS = 17
+ANALYSIS_KEYS = ("lambda_max", "lambda_min", "lambda_ratio", "hessian_trace")  # :func:`analyse`'s summary
+
+
+def diverged(state, train_loss: float) -> bool:
+  """True when a trained run's parameters, BatchNorm statistics or training loss are not finite.
+
+  Such a run has no Hessian to analyse (Lanczos on NaN fails); it is reported as diverged.
+
+  Example::
+
+      >>> import jax.numpy as jnp
+      >>> from sam_optax.experiments.train import TrainState
+      >>> state = TrainState({'w': jnp.array([1.0, jnp.nan])}, {}, (), jnp.zeros([], jnp.int32))
+      >>> diverged(state, 0.5), diverged(state._replace(params={'w': jnp.ones(2)}), 0.5)
+      (True, False)
+  """
+  if not math.isfinite(train_loss):
+    return True
+  leaves = jax.tree.leaves((state.params, state.batch_stats))
+  return not all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in leaves)
+
+
+def json_safe(value: Any) -> Any:
+  """``value`` with every non-finite number (NaN, ±inf) replaced by None, numpy scalars and arrays as Python.
+
+  JSON has no NaN or Infinity: ``json.dump`` would write bare ``NaN``, which
+  strict parsers refuse.
+
+  Example::
+
+      >>> json_safe({'loss': float('nan'), 'acc': np.float32(0.5), 'seeds': (0, 1), 'trace': [float('inf')]})
+      {'loss': None, 'acc': 0.5, 'seeds': [0, 1], 'trace': [None]}
+  """
+  if isinstance(value, dict):
+    return {key: json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(item) for item in value]
+  if isinstance(value, np.ndarray):
+    return json_safe(value.tolist())
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  return value
+
+
+def write_json(results: Any, path: str) -> str:
+  """Writes ``results`` as strict JSON (non-finite numbers as null: see :func:`json_safe`)."""
+  with open(path, "w") as f:
+    json.dump(json_safe(results), f, indent=2, allow_nan=False)
+  return path
 
 
 def analysis_batches(x, y, examples: int, batch_size: int = 256) -> list[dict]:
@@ -84,7 +139,9 @@ COLUMNS = [
 def _cell(run: dict, key: str, fmt: str) -> str:
   value, std = run.get(key), run.get(key + "_std")
   if value is None:
-    return "–"
+    return "–"  # not computed
+  if not math.isfinite(value):
+    return str(value)  # nan, inf: a diverged run's number
   several = len(run.get("per_seed", [])) > 1 and std is not None
   if fmt == "pct":
     text = f"{100 * value:.2f}"
@@ -105,13 +162,14 @@ def markdown_table(results: dict) -> str:
       "|---|" + "---:|" * len(COLUMNS),
   ]
   for name, run in results["runs"].items():
-    lines.append(f"| {name} | " + " | ".join(_cell(run, key, fmt) for key, _, fmt in COLUMNS) + " |")
+    label = f"{name} (diverged)" if run.get("diverged") else name
+    lines.append(f"| {label} | " + " | ".join(_cell(run, key, fmt) for key, _, fmt in COLUMNS) + " |")
   return "\n".join(lines)
 
 
 def write_csv(results: dict, path: str) -> str:
   """One row per optimizer and seed, plus a 'mean' row per optimizer."""
-  fields = ["optimizer", "seed"] + [key for key, _, _ in COLUMNS] + ["lambda_min", "hessian_trace"]
+  fields = ["optimizer", "seed"] + [key for key, _, _ in COLUMNS] + ["lambda_min", "hessian_trace", "diverged"]
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()

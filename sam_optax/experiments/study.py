@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import time
@@ -76,9 +75,17 @@ def study_models(full: bool = False, data_dir: Optional[str] = None) -> dict[str
   Default: WRN-10-1 on scikit-learn's digits, the Transformer on a UCR set
   (aeon) or generated sequences, the GCN on generated graphs -- unless
   ``data_dir`` holds the study's own sets (``mitbih_train.csv``/``mitbih_test.csv``,
-  ``Mutagenicity/``), which are then used. ``full``: WRN-28-10 on CIFAR-10,
-  the Transformer on MIT-BIH and the GCN on Mutagenicity (``data_dir`` needed
-  for the last two), with longer schedules.
+  ``Mutagenicity/``), which are then used. ``full``: WRN-28-10 on CIFAR-10
+  (``data_dir/cifar-10-batches-py/``, else tensorflow-datasets / Hugging
+  Face), the Transformer on MIT-BIH and the GCN on Mutagenicity (``data_dir``
+  needed for the last two), with longer schedules. CIFAR-10 is a ``full``
+  set only: a ``cifar-10-batches-py/`` in ``data_dir`` does not change the
+  default W.ResNet's digits (WRN-10-1 is sized for them and a CPU).
+
+  Example::
+
+      >>> study_models()["wrn"].dataset, study_models(full=True)["wrn"].dataset
+      ('digits', 'cifar10')
   """
   has = lambda *names: bool(data_dir) and all(os.path.exists(os.path.join(data_dir, n)) for n in names)
   series = "mitbih" if full or has("mitbih_train.csv", "mitbih_test.csv") else _time_series_default()
@@ -188,19 +195,24 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
       "published": PUBLISHED,
   }
   log(f"sam-optax study: {study['config']['selection']}.")
-  curves_by_model, analyses_by_model = {}, {}
+  # Every model's data first: a missing or broken set fails now (DatasetError), not after hours of
+  # training the models before it.
+  loaded = dict(datasets or {})
   for key in options.models:
-    spec = specs[key]
-    epochs = options.epochs or spec.epochs
-    dataset = (datasets or {}).get(key)
-    if dataset is None:
+    if key not in loaded:
+      spec = specs[key]
       sizes = {}
       train_size = options.train_size or spec.train_size
       if train_size is not None:
         sizes["train_size"] = train_size
       if options.test_size is not None:
         sizes["test_size"] = options.test_size
-      dataset = data_lib.load_dataset(spec.dataset, data_dir=options.data_dir, seed=0, **sizes)
+      loaded[key] = data_lib.load_dataset(spec.dataset, data_dir=options.data_dir, seed=0, **sizes)
+  curves_by_model, analyses_by_model = {}, {}
+  for key in options.models:
+    spec = specs[key]
+    epochs = options.epochs or spec.epochs
+    dataset = loaded.pop(key)  # released with this model's runs
     x_fit, y_fit, x_val, y_val = validation_split(dataset.x_train, dataset.y_train, options.validation_fraction)
     model = models_lib.get_model(spec.model, dataset.num_classes, dataset.input_shape, **dict(spec.model_options))
     batch_size = min(spec.batch_size, len(y_fit))
@@ -267,18 +279,24 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
         state = result.state
         train_loss, train_acc = evaluate(model, state.params, state.batch_stats, x_fit, y_fit)
         test_loss, test_acc = evaluate(model, state.params, state.batch_stats, dataset.x_test, dataset.y_test)
+        diverged = report.diverged(state, train_loss)
         record: dict[str, Any] = {
             "seed": seed, "rho": rho, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
             "test_acc": test_acc, "gen_gap": test_loss - train_loss, "val_acc": result.history[-1]["test_acc"],
             "seconds": result.seconds, "step_seconds": result.step_seconds,
-            "sharpness": last_epoch_sharpness(result.history),
+            "sharpness": last_epoch_sharpness(result.history), "diverged": diverged,
         }
-        analysis = report.analyse(model, state, fit_dataset, y_fit, seed=seed, examples=options.analysis_examples,
-                                  landscapes=seed == seeds[0] and options.plots,
-                                  surfaces=("2d",) if key in ("wrn", "gcn") else ())
-        record.update(analysis["summary"])
+        if diverged:  # no Hessian of non-finite weights (NaN in the table, null in study.json)
+          record.update({metric: float("nan") for metric in report.ANALYSIS_KEYS})
+        else:
+          analysis = report.analyse(model, state, fit_dataset, y_fit, seed=seed,
+                                    examples=options.analysis_examples,
+                                    landscapes=seed == seeds[0] and options.plots,
+                                    surfaces=("2d",) if key in ("wrn", "gcn") else ())
+          record.update(analysis["summary"])
+          if seed == seeds[0]:
+            analyses[name] = analysis
         if seed == seeds[0]:
-          analyses[name] = analysis
           curves[name] = result.history
         per_seed[name].append(record)
     for name in per_seed:
@@ -300,8 +318,7 @@ def run_study(options: StudyOptions, *, datasets: Optional[dict] = None, specs: 
     }
     curves_by_model[key], analyses_by_model[key] = curves, analyses
 
-  with open(os.path.join(options.out, "study.json"), "w") as f:
-    json.dump(study, f, indent=2)
+  report.write_json(study, os.path.join(options.out, "study.json"))  # non-finite numbers as null
   table = table1_markdown(study)
   with open(os.path.join(options.out, "table1.md"), "w") as f:
     f.write(table + "\n")
@@ -360,6 +377,7 @@ def table1_markdown(study: dict) -> str:
     rho = "–" if run.get("rho") is None else f"{run['rho']:g}"
     cells = [_cell(run, key, fmt) for key, _, fmt in TABLE_COLUMNS] + [_cell(run, "seconds", "{:.1f}")]
     label = name.upper() if name in ("sgd", "adam") else name.upper().replace("FSAM", "F-SAM")
+    label += " (diverged)" if run.get("diverged") else ""
     lines.append(f"| {entry['label']} | {label} | {rho} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -141,7 +141,9 @@ class TrainResult(NamedTuple):
   state: TrainState
   history: list  # one dict per epoch
   seconds: float  # wall time of the whole run, compilation included
-  step_seconds: float  # median over epochs of the time per train step, compilation and the first step excluded
+  # Median over epochs of the time per train step, compilation and the first step excluded. A run
+  # restored whole from a checkpoint reports the step times its history recorded (NaN if none).
+  step_seconds: float
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -447,9 +449,12 @@ def train(
       (the study passes its validation split here, never the test set).
     progress: show a tqdm progress bar (epoch, loss, sharpness, accuracy, steps/s).
     description: the progress bar's label.
-    checkpointer: an object with ``restore(state) -> (state, epoch) | None``
-      and ``save(state, epoch)`` (see :mod:`sam_optax.experiments.checkpoint`);
+    checkpointer: an object with ``restore(state) -> (state, epoch, history) | None``
+      and ``save(state, epoch, history)`` (see :mod:`sam_optax.experiments.checkpoint`);
       the run resumes from the latest checkpoint and saves after each epoch.
+      A :class:`~sam_optax.experiments.checkpoint.Checkpointer` given the run's
+      ``config`` refuses a checkpoint of another configuration
+      (``ConfigMismatchError``) before anything is trained.
 
   Returns:
     A :class:`TrainResult`. Each history record has ``epoch``,
@@ -497,7 +502,11 @@ def train(
   if bar is not None:
     bar.close()
   seconds = time.perf_counter() - start_time
-  step_seconds = float(np.median(epoch_step_seconds)) if epoch_step_seconds else float("nan")
+  if epoch_step_seconds:
+    step_seconds = float(np.median(epoch_step_seconds))
+  else:  # every epoch came from the checkpoint: the step times its history recorded
+    saved = [1.0 / record["steps_per_second"] for record in history if record.get("steps_per_second")]
+    step_seconds = float(np.median(saved)) if saved else float("nan")
   return TrainResult(state, history, seconds, step_seconds)
 
 
