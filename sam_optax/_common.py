@@ -115,6 +115,8 @@ def dual_exponent(p: Any, name: str = "dual_vector") -> float:
         f"number, got a traced value. With optax.inject_hyperparams, list it in "
         f"static_args, e.g. inject_hyperparams({name}, static_args=('grad_fn', 'p'))."
     )
+  if isinstance(p, (bool, np.bool_)):
+    raise TypeError(f"{name}: p must be a number in (1, inf], got p={p!r}.")
   if isinstance(p, str):
     if p.lower() in ("inf", "infinity"):
       p = math.inf
@@ -187,11 +189,54 @@ def axis_mean(tree: Any, axis_name: AxisName) -> Any:
   return jax.lax.pmean(tree, axis_name)
 
 
+def _is_bool_leaf(leaf: Any) -> bool:
+  return isinstance(leaf, (bool, np.bool_)) or (
+      hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.bool_))
+
+
+def check_mask(mask: Any, name: str) -> None:
+  """``None``, a callable of params, or a pytree whose leaves are all booleans."""
+  if mask is None or callable(mask):
+    return
+  for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
+    if not _is_bool_leaf(leaf):
+      raise TypeError(
+          f"{name}: mask must be None, a callable of params, or a pytree of booleans "
+          f"like params; got {leaf!r} at mask{jax.tree_util.keystr(path)}.")
+
+
+def check_axis_name(axis_name: Any, name: str) -> None:
+  """``None`` or a hashable axis name (a tuple for several axes)."""
+  try:
+    hash(axis_name)
+  except TypeError as error:
+    raise TypeError(
+        f"{name}: axis_name must be None, an axis name such as 'batch', or a tuple of "
+        f"names; got the unhashable {axis_name!r}.") from error
+  if isinstance(axis_name, (bool, np.bool_)):
+    raise TypeError(
+        f"{name}: axis_name must be None, an axis name such as 'batch', or a tuple of "
+        f"names; got {axis_name!r}.")
+
+
+def check_floating(tree: Any, argument: str, name: str) -> None:
+  """Refuses integer/boolean leaves: there is no gradient (float0) to perturb them along."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{name}: {argument} has a leaf of dtype {dtype} at {jax.tree_util.keystr(path)}; only "
+          f"floating parameters can be perturbed. Keep integer values (counters, "
+          f"indices) out of the params the optimizer sees, e.g. in a separate collection.")
+
+
 def resolve_mask(mask: Any, params: Any) -> Any:
   """Returns a pytree of booleans (or ``None``) from a mask or a mask function."""
   if mask is None:
     return None
-  return mask(params) if callable(mask) else mask
+  mask_tree = mask(params) if callable(mask) else mask
+  check_mask(mask_tree, "perturbation")
+  return mask_tree
 
 
 def apply_mask(tree: Any, mask_tree: Any, name: str) -> Any:
@@ -230,7 +275,7 @@ def check_callable(fn: Any, name: str) -> None:
 class _GradFnSignature:
   """What ``grad_fn`` accepts besides its first (params) argument."""
 
-  def __init__(self, grad_fn: Callable[..., Any]):
+  def __init__(self, grad_fn: Callable[..., Any], name: str = "grad_fn"):
     self.accepts_all = False
     self.accepted: frozenset[str] = frozenset()
     self.required: tuple[str, ...] = ()
@@ -249,6 +294,13 @@ class _GradFnSignature:
       parameters = parameters[1:]
     accepted, required = [], []
     for parameter in parameters:
+      if (parameter.kind == inspect.Parameter.POSITIONAL_ONLY
+          and parameter.default is inspect.Parameter.empty):
+        raise TypeError(
+            f"{name}: grad_fn's parameter {parameter.name!r} is positional-only, but "
+            f"tx.update passes the batch arguments to grad_fn by keyword; drop the '/' "
+            f"or wrap it, e.g. lambda params, {parameter.name}: "
+            f"grad_fn(params, {parameter.name}).")
       if parameter.kind == inspect.Parameter.VAR_KEYWORD:
         self.accepts_all = True
       elif parameter.kind in (
@@ -289,7 +341,7 @@ def make_grad_caller(
   """
   check_callable(grad_fn, name)
   value_and_grad = check_flag(value_and_grad, "value_and_grad", name)
-  signature = _GradFnSignature(grad_fn)
+  signature = _GradFnSignature(grad_fn, name)
 
   def select(extra_args: Mapping[str, Any]) -> dict:
     extra_args = {k: v for k, v in extra_args.items() if k not in RESERVED_EXTRA_ARGS}
@@ -330,14 +382,22 @@ def make_grad_caller(
   return GradCaller(select, call)
 
 
-def check_same_tree(params: Any, gradient: Any, name: str) -> None:
+def check_same_tree(params: Any, gradient: Any, name: str, source: str = "grad_fn") -> None:
+  """``gradient`` has the tree structure and leaf shapes of ``params``.
+
+  ``source`` names where ``gradient`` came from: ``"grad_fn"`` (its output) or
+  ``"updates"`` (the incoming updates, ``tx.update``'s first argument).
+  """
+  if source == "updates":
+    what, got = "the incoming updates (tx.update's first argument) must have", "updates:"
+  else:
+    what, got = "grad_fn must return a gradient with", "grad_fn returned:"
   params_structure = jax.tree.structure(params)
   gradient_structure = jax.tree.structure(gradient)
   if params_structure != gradient_structure:
     raise TypeError(
-        f"{name}: grad_fn must return a gradient with the same tree structure "
-        f"as params.\n  params:          {params_structure}\n"
-        f"  grad_fn returned: {gradient_structure}"
+        f"{name}: {what} the same tree structure as params.\n"
+        f"  params: {params_structure}\n  {got} {gradient_structure}"
     )
   for path_and_leaf, g in zip(
       jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(gradient)
@@ -345,7 +405,8 @@ def check_same_tree(params: Any, gradient: Any, name: str) -> None:
     path, w = path_and_leaf
     if jnp.shape(w) != jnp.shape(g):
       raise TypeError(
-          f"{name}: grad_fn returned a leaf of shape {jnp.shape(g)} at "
+          f"{name}: {'the incoming updates have' if source == 'updates' else 'grad_fn returned'} "
+          f"a leaf of shape {jnp.shape(g)} at "
           f"{jax.tree_util.keystr(path)}, where params has shape {jnp.shape(w)}."
       )
 

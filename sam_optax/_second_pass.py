@@ -73,6 +73,8 @@ def make_second_pass(
   adaptive = _common.check_flag(adaptive, "adaptive", name)
   sync_perturbation = _common.check_flag(sync_perturbation, "sync_perturbation", name)
   batch_argnames = _batch.check_batch_argnames(batch_argnames, name)
+  _common.check_mask(mask, name)
+  _common.check_axis_name(axis_name, name)
   if group_size is not None:
     group_size = _common.check_static_int(group_size, "group_size", name)
     if sync_perturbation:
@@ -154,8 +156,9 @@ def make_second_pass(
     if params is None:
       raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
     _common.check_not_masked((updates, params), name)
-    _common.check_same_tree(params, updates, name + " (incoming updates)")
+    _common.check_same_tree(params, updates, name, source="updates")
     _common.check_not_complex(params, "params", name)
+    _common.check_floating(params, "params", name)
     radius = _common.evaluate_rho(rho, count)
     kwargs = caller.select(extra_args)
     if group_size is None:

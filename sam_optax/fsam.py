@@ -59,7 +59,11 @@ def fsam_perturb(
       out_t  = grad_fn(w_t + eps_t, **batch_args)
 
   where ``dual`` is the p-norm dual vector of :func:`sam_optax.dual_vector`.
-  Note the perturbation uses the EMA *before* this step's update.
+  Note the perturbation uses the EMA *before* this step's update. "Step 0"
+  is the first step that records a gradient: a non-finite step leaves the EMA
+  as it was, and while it is still all zeros the next finite gradient starts
+  it (``m = g``), as the reference's lazily created momentum buffer does
+  when mixed precision skips the first steps.
 
   Multi-device: with ``axis_name``, ``d_t`` uses the device-local gradient
   (m-sharpness; the axis-averaged one with ``sync_perturbation=True``), the EMA
@@ -122,8 +126,12 @@ def fsam_perturb(
                           state.gradient_ema)
 
     result = second_pass(updates, params, state.count, extra_args, direction_fn)
-    # m_0 = g_0 on the first step, then the EMA with decay lmbda.
-    decay = jnp.where(state.count == 0, 0.0, lmbda).astype(jnp.float32)
+    # m = g on the first step that records one (the EMA is still all zeros:
+    # the first step, or every earlier step was non-finite and left it
+    # alone), then the EMA with decay lmbda.
+    recorded = jnp.any(jnp.stack([jnp.any(m != 0) for m in jax.tree.leaves(state.gradient_ema)]
+                                 or [jnp.asarray(False)]))
+    decay = jnp.where(recorded, lmbda, 0.0).astype(jnp.float32)
     gradient_ema = jax.tree.map(
         lambda m, g: (decay * m + (1.0 - decay) * g.astype(m.dtype)).astype(m.dtype),
         state.gradient_ema,

@@ -163,7 +163,9 @@ def rho_schedule_from_learning_rate(
     )
 
   def rho_schedule(count):
-    fraction = (jnp.asarray(schedule(count), jnp.float32) - lr_min) / (lr_max - lr_min)
+    lr = jnp.asarray(schedule(count))
+    lr = lr.astype(jnp.promote_types(lr.dtype, jnp.float32))  # float64 stays float64 under x64
+    fraction = (lr - lr_min) / (lr_max - lr_min)
     return rho_min + (rho_max - rho_min) * jnp.clip(fraction, 0.0, 1.0)
 
   return rho_schedule

@@ -30,6 +30,25 @@ class LookSAMState(NamedTuple):
   perturbed_loss: jax.Array
 
 
+# g_v below this many units of roundoff of ||g_s|| is rounding noise, not a direction.
+_ROUNDING_UNITS = 4
+
+
+def _drop_rounding_noise(orthogonal: Any, perturbed_gradient: Any, radius: jax.Array) -> Any:
+  """Zero ``g_v`` when it is rounding noise: at ``rho == 0`` or below roundoff of ``||g_s||``.
+
+  The cheap steps rescale ``g_v`` to ``alpha ||g||``, so an orthogonal part
+  that is only the rounding error of ``g_s - c g`` (``g_s == g`` at
+  ``rho == 0``) would become a step of 0.7 ||g|| in a random direction.
+  """
+  resolution = max((float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(perturbed_gradient)
+                    if jnp.issubdtype(x.dtype, jnp.inexact)), default=0.0)
+  orthogonal_norm = jnp.sqrt(_common.tree_vdot(orthogonal, orthogonal))
+  gradient_norm = jnp.sqrt(_common.tree_vdot(perturbed_gradient, perturbed_gradient))
+  negligible = (radius == 0) | (orthogonal_norm <= _ROUNDING_UNITS * resolution * gradient_norm)
+  return jax.tree.map(lambda v: jnp.where(negligible, jnp.zeros_like(v), v), orthogonal)
+
+
 def looksam_perturb(
     grad_fn: Callable[..., Any],
     rho: _common.ScalarOrSchedule = 0.05,
@@ -56,6 +75,10 @@ def looksam_perturb(
                                g_v = g_s - (<g_s, g> / ||g||^2) g           (kept)
                                out = g_s
       other steps:             out = g + alpha * (||g|| / ||g_v||) * g_v
+
+  ``g_v`` is kept as zero (the cheap steps are then plain ``g``) when ``rho``
+  is 0 or ``||g_v||`` is within 4 units of roundoff of ``||g_s||``: there it
+  is rounding noise, which the rescaling would blow up to ``alpha ||g||``.
 
   Which kind of step runs is chosen in one of two ways:
 
@@ -124,6 +147,8 @@ def looksam_perturb(
   def full_step_fn(updates, state, params, extra_args):
     result = second_pass(updates, params, state.count, extra_args, lambda g: g)
     orthogonal = _common.orthogonal_component(result.gradient, result.gradient_at_w)
+    orthogonal = _drop_rounding_noise(
+        orthogonal, result.gradient, _common.evaluate_rho(rho, state.count))
     orthogonal = _common.cast_like(orthogonal, state.orthogonal_gradient)
     orthogonal = _common.keep_if_finite(
         orthogonal, state.orthogonal_gradient, (result.gradient, result.gradient_at_w))
@@ -147,7 +172,8 @@ def looksam_perturb(
     if params is None:
       raise ValueError(f"{name}: update needs params: tx.update(grads, state, params, ...).")
     _common.check_not_masked((updates, params), name)
-    _common.check_same_tree(params, updates, name + " (incoming updates)")
+    _common.check_same_tree(params, updates, name, source="updates")
+    _common.check_floating(params, "params", name)
     if full_step is None:
       full_step = state.count % k == 0
     if isinstance(full_step, (bool, np.bool_)):

@@ -76,6 +76,12 @@ def microbatched(
     signature = inspect.signature(grad_fn)
   except (TypeError, ValueError):
     signature = None
+  var_keyword = None
+  named_parameters = frozenset()
+  if signature is not None:
+    var_keyword = next((n for n, q in signature.parameters.items()
+                        if q.kind is q.VAR_KEYWORD), None)
+    named_parameters = frozenset(n for n in signature.parameters if n != var_keyword)
 
   @functools.wraps(grad_fn)
   def accumulated(*args, **kwargs):
@@ -83,11 +89,18 @@ def microbatched(
       arguments = dict(kwargs)
       rebuild = lambda a: (args, a)
     else:
+      # ``**kwargs`` entries are flattened so a batch passed through them is
+      # found by name like a named parameter, and put back for the call.
       bound = signature.bind(*args, **kwargs)
-      arguments = dict(bound.arguments)
+      arguments = {k: v for k, v in bound.arguments.items() if k != var_keyword}
+      arguments.update(bound.arguments.get(var_keyword, {}) if var_keyword else {})
 
       def rebuild(a):
-        rebound = inspect.BoundArguments(signature, a)
+        named = {k: v for k, v in a.items() if k in named_parameters}
+        extra = {k: v for k, v in a.items() if k not in named_parameters}
+        if extra:
+          named[var_keyword] = extra
+        rebound = inspect.BoundArguments(signature, named)
         return rebound.args, rebound.kwargs
 
     batched, _ = _batch.partition(arguments, batch_argnames, name)

@@ -82,12 +82,13 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
   if q == 1.0:  # p = inf: sign(g), no norm involved.
     directions = [jnp.sign(leaf) for leaf in work]
   else:
-    # Scale by the largest magnitude: dual(g) = dual(g / a), and the squares
-    # of g / a cannot overflow even for |g| ~ 1e30.
+    # Scale by a = 2^e, the power of two just above the largest magnitude:
+    # dual(g) = dual(g / a), the squares of g / a cannot overflow even for
+    # |g| ~ 1e38, and ldexp scales exactly (a division by a ~ 1e38 goes
+    # through the reciprocal, a flushed denormal, in eager XLA:CPU).
     norm_dtype = _widest_dtype(work)
-    scale = _tree_max_abs(work, norm_dtype)
-    safe_scale = jnp.where(scale > 0, scale, jnp.ones([], norm_dtype))
-    unit = [leaf / safe_scale.astype(leaf.dtype) for leaf in work]
+    _, exponent = jnp.frexp(_tree_max_abs(work, norm_dtype))
+    unit = [jnp.ldexp(leaf, -exponent) for leaf in work]
     if q == 2.0:
       norm_power = jnp.sqrt(sum(jnp.sum(jnp.square(u), dtype=norm_dtype) for u in unit))
       numerators = unit
@@ -96,7 +97,8 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
       norm_power = norm ** (q - 1.0)
       numerators = [jnp.sign(u) * jnp.abs(u) ** (q - 1.0) for u in unit]
     # ||g||^(q-1) + eps  ==  a^(q-1) * (||g/a||^(q-1) + eps / a^(q-1)).
-    denominator = norm_power + eps / safe_scale ** (q - 1.0)
+    eps_term = jnp.exp2(-(q - 1.0) * exponent.astype(norm_dtype))  # a^-(q-1); inf for tiny g
+    denominator = norm_power + jnp.where(eps == 0, 0.0, eps * eps_term)
     denominator = jnp.where(denominator > 0, denominator, 1.0)
     directions = [n / denominator.astype(n.dtype) for n in numerators]
   directions = [d.astype(leaf.dtype) for d, leaf in zip(directions, leaves)]

@@ -243,11 +243,17 @@ class RobustnessTest(chex.TestCase):
     self.assertTrue(all(np.all(np.isfinite(x)) for x in jax.tree.leaves((updates, state))))
 
   def test_huge_gradients_do_not_overflow(self):
-    g = np.array([3e30, -4e30, 0.0, 1e29, 2e30, -1e30, 5e30])
-    for p in (2.0, 3.0):
-      got = flat(sam_optax.perturbation(split(g), rho=1.0, p=p))
-      self.assertTrue(np.all(np.isfinite(got)))
-      np.testing.assert_allclose(got, numpy_dual(g / 1e30, p), rtol=1e-5)
+    # Up to float32's largest finite values, eagerly (where XLA:CPU divides through a
+    # flushed-denormal reciprocal) and under jit.
+    for top in (1e30, 3e38 / 5):
+      g = np.array([3.0, -4.0, 0.0, 0.1, 2.0, -1.0, 5.0]) * top
+      for p in (2.0, 3.0):
+        expected = numpy_dual(g / top, p)
+        for run in (lambda t: sam_optax.perturbation(t, rho=1.0, p=p),
+                    jax.jit(lambda t: sam_optax.perturbation(t, rho=1.0, p=p))):
+          got = flat(run(split(g)))
+          self.assertTrue(np.all(np.isfinite(got)))
+          np.testing.assert_allclose(got, expected, rtol=1e-5)
 
   def test_tiny_gradients_keep_direction(self):
     g = np.array([3e-20, -4e-20, 0, 0, 0, 0, 0])
@@ -287,6 +293,14 @@ class BadInputTest(chex.TestCase):
         (lambda: sam_optax.fsam_perturb(grad_fn, rho=-1.0), ValueError, "rho"),
         (lambda: sam_optax.fsam_perturb(None), TypeError, "grad_fn"),
         (lambda: sam_optax.dual_vector({"w": jnp.ones(2)}, p=1.0), ValueError, "p"),
+        (lambda: sam_optax.sam_perturb(grad_fn, p=True), TypeError, "got p=True"),
+        (lambda: sam_optax.gsam_perturb(grad_fn, mask=3), TypeError, "mask must be None"),
+        (lambda: sam_optax.sam_perturb(grad_fn, mask={"a": True, "b": 0.5}), TypeError,
+         r"got 0.5 at mask\['b'\]"),
+        (lambda: sam_optax.looksam_perturb(grad_fn, axis_name=["batch"]), TypeError,
+         "axis_name must be"),
+        (lambda: sam_optax.sam_perturb(lambda params, matrix, /: grad_fn(params, matrix)),
+         TypeError, "parameter 'matrix' is positional-only"),
     ]
     for make, error, word in cases:
       with self.assertRaisesRegex(error, word):
@@ -300,6 +314,22 @@ class BadInputTest(chex.TestCase):
     tx = sam_optax.sam_perturb(lambda p, matrix: (p, 0.0), rho=0.1)
     with self.assertRaisesRegex(TypeError, "same tree structure"):
       jax.jit(lambda p: tx.update(p, tx.init(p), p, matrix=A))(params)
+
+  def test_wrong_incoming_updates_are_named_as_such(self):
+    params = split(W0)
+    for transform in (sam_optax.sam_perturb, sam_optax.looksam_perturb):
+      tx = transform(quadratic_grad, rho=0.1)
+      with self.assertRaisesRegex(TypeError, r"(?s)incoming updates.*updates: PyTreeDef"):
+        tx.update({"a": params["a"]}, tx.init(params), params, matrix=A)
+
+  def test_integer_params_are_refused_by_path(self):
+    params = {**split(W0), "count": jnp.zeros((), jnp.int32)}
+    grad = lambda p, matrix: jax.grad(
+        lambda q: quadratic_loss({"a": q["a"], "b": q["b"]}, matrix), allow_int=True)(p)
+    for transform in (sam_optax.sam_perturb, sam_optax.looksam_perturb):
+      tx = transform(grad, rho=0.1)
+      with self.assertRaisesRegex(TypeError, r"dtype int32 at \['count'\]"):
+        tx.update(grad(params, A), tx.init(params), params, matrix=A)
 
   def test_wrong_shape_is_rejected(self):
     params = split(W0)

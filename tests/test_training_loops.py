@@ -113,7 +113,38 @@ def test_multisteps_is_not_sam_on_the_accumulated_batch():
   big_batch_sam, _ = by_hand_sam_gradient(PARAMS, BATCH, rho)
   applied = jax.tree.map(lambda a, b: a - b, PARAMS, params)
   assert not np.allclose(np.asarray(applied["w2"]), np.asarray(big_batch_sam["w2"]), rtol=1e-3)
+  # What it applies instead: the *last* micro-batch's gradient at w + eps, with eps
+  # from the mean of the micro-batches' gradients (the inner chain runs once, with the
+  # accumulated gradient and the last micro-step's extra arguments).
+  mean_g = jax.tree.map(lambda a, b: (a + b) / 2, *[grad_fn(PARAMS, h) for h in halves])
+  eps = jax.tree.map(lambda g: rho * g / (tree_norm(mean_g) + 1e-12), mean_g)
+  last_at_perturbed = grad_fn(jax.tree.map(jnp.add, PARAMS, eps), halves[-1])
+  assert_trees_close(applied, last_at_perturbed, rtol=1e-5)
   # ... whereas microbatched SAM is exactly SAM on the accumulated batch (test above).
+
+
+def test_microbatched_grad_fn_taking_var_keyword_arguments():
+  """A batch passed through ``**kwargs`` is found by name and split."""
+  def kwargs_grad(params, **kwargs):
+    return jax.grad(loss_fn)(params, kwargs["batch"])
+
+  accumulated = sam_optax.microbatched(kwargs_grad, 4)
+  assert_trees_close(accumulated(PARAMS, batch=BATCH), grad_fn(PARAMS, BATCH))
+  assert_trees_close(jax.jit(accumulated)(PARAMS, batch=BATCH), grad_fn(PARAMS, BATCH))
+
+  def scaled_grad(params, scale, **kwargs):
+    return jax.grad(lambda p: scale * loss_fn(p, kwargs["batch"]))(params)
+
+  accumulated = sam_optax.microbatched(scaled_grad, 2)
+  assert_trees_close(accumulated(PARAMS, 2.0, batch=BATCH),
+                     jax.tree.map(lambda g: 2.0 * g, grad_fn(PARAMS, BATCH)))
+  # ... and the SAM chain forwards ``batch`` to it for the second pass.
+  rho, lr = 0.2, 0.1
+  accumulated = sam_optax.microbatched(kwargs_grad, 4)
+  tx = optax.chain(sam_optax.sam_perturb(accumulated, rho=rho), optax.sgd(lr))
+  updates, _ = tx.update(accumulated(PARAMS, batch=BATCH), tx.init(PARAMS), PARAMS, batch=BATCH)
+  sam_gradient, _ = by_hand_sam_gradient(PARAMS, BATCH, rho)
+  assert_trees_close(updates, jax.tree.map(lambda g: -lr * g, sam_gradient))
 
 
 # -- 3. injectable, traceable hyperparameters ----------------------------------------------
@@ -270,6 +301,34 @@ def test_apply_if_finite_after_the_perturbation_catches_a_nan_in_pass_two():
   assert_trees_close(state2[0].gradient_ema, state[0].gradient_ema)
 
 
+def test_fsam_ema_starts_at_the_first_finite_step():
+  """Non-finite first steps (as under loss scaling) must not leave m at zero for the EMA."""
+  rho, sigma, lmbda, lr = 0.1, 1.0, 0.9, 0.1
+  tx = optax.chain(sam_optax.fsam_perturb(grad_fn, rho=rho, sigma=sigma, lmbda=lmbda),
+                   optax.apply_if_finite(optax.sgd(lr), max_consecutive_errors=5))
+  step = jax.jit(sgd_step_fn(tx))
+  poisoned = {"x": X.at[0, 0].set(jnp.nan), "y": Y}
+  halves = [{"x": X[:8], "y": Y[:8]}, {"x": X[8:], "y": Y[8:]}] * 2
+  params, state = PARAMS, tx.init(PARAMS)
+  for batch in [poisoned, poisoned] + halves:
+    params, state = step(params, state, batch)
+  # By hand (nblt/F-SAM): the momentum buffer is created by the first step that runs.
+  expected, momentum = PARAMS, None
+  for batch in halves:
+    g = grad_fn(expected, batch)
+    if momentum is None:
+      direction, momentum = g, g
+    else:
+      direction = jax.tree.map(lambda gi, m: gi - sigma * m, g, momentum)
+      momentum = jax.tree.map(lambda m, gi: lmbda * m + (1 - lmbda) * gi, momentum, g)
+    norm = tree_norm(direction)
+    perturbed = jax.tree.map(lambda w, d: w + rho * d / (norm + 1e-12), expected, direction)
+    expected = jax.tree.map(lambda w, gs: w - lr * gs, expected, grad_fn(perturbed, batch))
+  assert_trees_close(params, expected, rtol=1e-5)
+  assert_trees_close(state[0].gradient_ema, momentum, rtol=1e-5)
+  assert int(state[0].count) == 6
+
+
 def test_looksam_with_clipping_after_the_perturbation_clips_full_and_cheap_steps():
   max_norm = 0.05
   tx = optax.chain(sam_optax.looksam_perturb(grad_fn, rho=0.2, k=2, alpha=0.7),
@@ -315,3 +374,8 @@ def test_float64_norms_rho_and_eps():
     assert eps.dtype == jnp.float64
     # eps = rho g / (||g|| + 1e-12) in float64 (rho enters as 0.05, not 0.0500000007).
     np.testing.assert_allclose(np.asarray(eps), 0.05 * g / (np.linalg.norm(g) + 1e-12), rtol=1e-14)
+    # GSAM's lr-proportional radius keeps float64 too (0.03, not 0.029999999).
+    lr = optax.linear_schedule(0.1, 0.0, transition_steps=100)
+    rho = sam_optax.rho_schedule_from_learning_rate(lr, rho_max=0.05, rho_min=0.01)
+    assert rho(50).dtype == jnp.float64
+    np.testing.assert_allclose(float(rho(50)), 0.01 + 0.04 * 0.5, rtol=1e-14)

@@ -174,6 +174,17 @@ class LookSAMTest(chex.TestCase):
     self.assertEqual(expected_calls, 4)
     self.assertEqual(calls, expected_calls)
 
+  @parameterized.parameters("static", "traced")
+  def test_rho_zero_is_plain_sgd(self, phase):
+    """At rho = 0, g_s = g and g_v is rounding noise: it must not be rescaled to alpha ||g||."""
+    lr = 0.05
+    params, state, _ = self._run(phase, k=3, rho=0.0, alpha=0.7, lr=lr)
+    w = W0.copy()
+    for matrix in MATRICES:
+      w = w - lr * matrix @ w
+    np.testing.assert_allclose(flat(params), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(flat(state[0].orthogonal_gradient), np.zeros_like(w))
+
   def test_static_cheap_step_has_no_second_pass(self):
     traced = []
 
