@@ -209,6 +209,9 @@ def test_filter_normalized_direction():
   np.testing.assert_array_equal(np.asarray(copied["conv"]["bias"]), np.asarray(PARAMS["conv"]["bias"]))
   with pytest.raises(ValueError, match="^filter_normalized_direction: ignore must be"):
     analysis.filter_normalized_direction(PARAMS, jax.random.key(7), ignore="bn")
+  # Only 1-D leaves: ignore='biasbn' would give a zero direction (a flat landscape).
+  with pytest.raises(ValueError, match="every leaf of params is 0- or 1-D.*ignore=None"):
+    analysis.filter_normalized_direction({"w": jnp.ones(3), "b": jnp.ones(())}, jax.random.key(7))
 
 
 def weighted_loss(params):
@@ -560,6 +563,13 @@ def test_float64_under_x64():
     np.testing.assert_allclose(np.nansum(density.nodes * density.weights, axis=1), np.mean(flat_curvature),
                                rtol=1e-12)
     np.testing.assert_allclose(np.nanmax(density.nodes, axis=1), 9.0, rtol=1e-9)
+    # Landscapes: float64 coordinates and losses (alpha = 0.1 is not 0.100000001), by hand.
+    alphas = [0.1, -0.3]
+    direction = jax.tree.map(jnp.ones_like, params)
+    surface = analysis.loss_surface_1d(quadratic, params, [curvature], direction, alphas)
+    by_hand = [float(quadratic(jax.tree.map(lambda w, d, a=a: w + a * d, params, direction), curvature))
+               for a in alphas]
+    np.testing.assert_allclose(surface, by_hand, rtol=1e-14)
 
 
 @pytest.mark.parametrize("linearize", [True, False])

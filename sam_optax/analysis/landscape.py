@@ -26,6 +26,8 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
   leaves (biases, normalization scales and offsets) are set to zero with the
   default ``ignore="biasbn"`` (loss-landscape's ``--xignore biasbn``); with
   ``ignore=None`` they are copied from ``params`` (as loss-landscape does).
+  Params with only 0- and 1-D leaves and ``ignore="biasbn"`` raise
+  ``ValueError`` (the direction would be zero).
 
   Args:
     params: the parameters (a pytree).
@@ -53,6 +55,12 @@ def filter_normalized_direction(params: Any, key: jax.Array, *, ignore: Optional
     raise ValueError(f"filter_normalized_direction: ignore must be 'biasbn' or None, got {ignore!r}.")
   key = _check_key(key, "filter_normalized_direction")
   leaves, treedef = jax.tree.flatten(params)
+  if ignore == "biasbn" and leaves and all(jnp.ndim(leaf) <= 1 for leaf in leaves):
+    raise ValueError(
+        "filter_normalized_direction: every leaf of params is 0- or 1-D, so ignore='biasbn' "
+        "(which zeroes 1-D leaves: biases, normalization) would return a zero direction and "
+        "a flat landscape; pass ignore=None to use the params themselves as the direction "
+        "of their 1-D leaves, or a direction of your own.")
   keys = jax.random.split(key, max(len(leaves), 1))
   directions = []
   for leaf, leaf_key in zip(leaves, keys):
@@ -80,6 +88,9 @@ def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: dict[str, A
   vectors = list(directions.values())
   weights = np.array([batch_size(b) for b in batches], np.float64)
   weights /= weights.sum()
+  # float64 coordinates and losses for float64 params (x64): alpha = 0.1 is not 0.100000001.
+  wide = any(jnp.result_type(leaf) == jnp.float64 for leaf in jax.tree.leaves(params))
+  work_dtype = np.float64 if wide else np.float32
 
   @jax.jit
   def chunk_losses(params, directions, chunk, batch):
@@ -87,10 +98,10 @@ def _surface(loss_fn: LossFn, params: Any, batches: Any, directions: dict[str, A
       point = jax.tree.map(
           lambda w, *ds: (w + sum(ci * d for ci, d in zip(c, ds))).astype(w.dtype),
           params, *directions)
-      return jnp.asarray(loss_fn(point, batch), jnp.float32)
+      return jnp.asarray(loss_fn(point, batch)).astype(work_dtype)
     return jax.vmap(at)(chunk)
 
-  coordinates = np.asarray(coordinates, np.float32)
+  coordinates = np.asarray(coordinates, work_dtype)
   total = np.zeros(len(coordinates), np.float64)
   for start in range(0, len(coordinates), chunk_size):
     chunk = coordinates[start:start + chunk_size]
@@ -108,7 +119,8 @@ def loss_surface_1d(loss_fn: LossFn, params: Any, batches: Any, direction: Any, 
 
   ``L = sum_b (n_b / N) L_b`` is the batch-size-weighted mean of
   ``loss_fn(point, batch)`` over ``batches``, accumulated in float64 on the
-  host (one float32 scalar per point and batch). With ``direction`` from
+  host (one float32 scalar per point and batch; float64 coordinates and losses
+  when ``params`` has float64 leaves under x64). With ``direction`` from
   :func:`filter_normalized_direction` this is the 1D filter-normalized plot of
   Li et al. (2018); with ``direction = params_b - params`` and
   ``alphas = linspace(0, 1)`` it is the linear interpolation of Goodfellow et
@@ -143,7 +155,7 @@ def loss_surface_1d(loss_fn: LossFn, params: Any, batches: Any, direction: Any, 
   "Qualitatively characterizing neural network optimization problems",
   ICLR 2015.
   """
-  alphas = np.asarray(alphas, np.float32).reshape(-1, 1)
+  alphas = np.asarray(alphas, np.float64).reshape(-1, 1)
   return _surface(loss_fn, params, batches, {"direction": direction}, alphas, chunk_size, "loss_surface_1d")
 
 
@@ -183,7 +195,7 @@ def loss_surface_2d(loss_fn: LossFn, params: Any, batches: Any, dir_x: Any, dir_
   Reference: Li, Xu, Taylor, Studer, Goldstein, "Visualizing the Loss
   Landscape of Neural Nets", NeurIPS 2018.
   """
-  xs, ys = np.ravel(np.asarray(xs, np.float32)), np.ravel(np.asarray(ys, np.float32))
+  xs, ys = np.ravel(np.asarray(xs, np.float64)), np.ravel(np.asarray(ys, np.float64))
   grid = np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1).reshape(-1, 2)
   return _surface(loss_fn, params, batches, {"dir_x": dir_x, "dir_y": dir_y}, grid, chunk_size,
                   "loss_surface_2d").reshape(len(xs), len(ys))
