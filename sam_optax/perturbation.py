@@ -45,6 +45,25 @@ def _tree_max_abs(leaves: list[jax.Array], dtype: Any) -> jax.Array:
   return jnp.max(jnp.stack(maxima))
 
 
+# Exact powers of two by their IEEE bits (``exp2`` rounds; ``jnp.frexp``/``ldexp``
+# give operands jax 0.12 cannot place on an Explicit-sharded mesh under vmap).
+def _binary_exponent(x: jax.Array) -> jax.Array:
+  """``e`` with ``x = m 2^e``, ``0.5 <= m < 1``, for a normal ``x > 0`` (int32; -126 / -1022 for 0)."""
+  info = jnp.finfo(x.dtype)
+  unsigned = jnp.uint64 if info.bits == 64 else jnp.uint32
+  bits = jax.lax.bitcast_convert_type(x, unsigned)
+  biased = (bits >> info.nmant) & ((1 << info.nexp) - 1)
+  return biased.astype(jnp.int32) - (info.maxexp - 2)
+
+
+def _power_of_two(k: jax.Array, dtype: Any) -> jax.Array:
+  """``2.0 ** k`` exactly, in ``dtype``, for an integer ``k`` in its normal range."""
+  info = jnp.finfo(dtype)
+  unsigned = jnp.uint64 if info.bits == 64 else jnp.uint32
+  biased = (k + (info.maxexp - 1)).astype(unsigned)
+  return jax.lax.bitcast_convert_type(biased << info.nmant, dtype)
+
+
 def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
   """The unit dual-norm direction of a gradient pytree.
 
@@ -83,12 +102,15 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
     directions = [jnp.sign(leaf) for leaf in work]
   else:
     # Scale by a = 2^e, the power of two just above the largest magnitude:
-    # dual(g) = dual(g / a), the squares of g / a cannot overflow even for
-    # |g| ~ 1e38, and ldexp scales exactly (a division by a ~ 1e38 goes
-    # through the reciprocal, a flushed denormal, in eager XLA:CPU).
+    # dual(g) = dual(g / a), and the squares of g / a cannot overflow even for
+    # |g| ~ 1e38. Two exact multiplications by powers of two (a division by
+    # a ~ 1e38 goes through its reciprocal, a flushed denormal, in eager
+    # XLA:CPU; jnp.ldexp fails on Explicit-sharded operands in jax 0.12).
     norm_dtype = _widest_dtype(work)
-    _, exponent = jnp.frexp(_tree_max_abs(work, norm_dtype))
-    unit = [jnp.ldexp(leaf, -exponent) for leaf in work]
+    exponent = _binary_exponent(_tree_max_abs(work, norm_dtype))
+    half = exponent // 2
+    unit = [leaf * _power_of_two(-half, leaf.dtype) * _power_of_two(half - exponent, leaf.dtype)
+            for leaf in work]
     if q == 2.0:
       norm_power = jnp.sqrt(sum(jnp.sum(jnp.square(u), dtype=norm_dtype) for u in unit))
       numerators = unit

@@ -223,6 +223,16 @@ def shifted(params, *terms):
   return jax.tree.map(lambda w, *ds: w + sum(c * d for c, d in zip(terms[::2], ds)), params, *terms[1::2])
 
 
+def test_a_key_riding_in_the_batch_does_not_set_its_weight():
+  """``{'dropout_rng': raw key, 'x', 'y'}``: the key is the first leaf, but the weights stay n_b / N."""
+  keyed = [{"dropout_rng": jax.random.PRNGKey(i), **b} for i, b in enumerate(BATCHES)]
+  typed = [{"a_key": jax.random.key(i), **b} for i, b in enumerate(BATCHES)]
+  keyed_loss = lambda params, batch: loss_fn(params, {"x": batch["x"], "y": batch["y"]})  # noqa: E731
+  for batches in (keyed, typed):
+    curve = analysis.loss_surface_1d(keyed_loss, PARAMS, batches, jax.tree.map(jnp.zeros_like, PARAMS), [0.0])
+    np.testing.assert_allclose(curve[0], weighted_loss(PARAMS), rtol=1e-5)
+
+
 def test_loss_surfaces_match_point_by_point():
   dx = analysis.filter_normalized_direction(PARAMS, jax.random.key(8))
   dy = analysis.filter_normalized_direction(PARAMS, jax.random.key(9))
@@ -274,7 +284,7 @@ _ENTRY_POINTS = {
     ({"x": jnp.ones((4, 4))}, TypeError, "batches must be a sequence .* got type dict"),
     (3.0, TypeError, "batches must be a sequence"),
     ([], ValueError, "batches is empty"),
-    ([jnp.ones((2, 4)), jnp.float32(1.0)], ValueError, r"batches\[1\] must be a pytree whose first leaf has a leading"),
+    ([jnp.ones((2, 4)), jnp.float32(1.0)], ValueError, r"batches\[1\] must be a pytree with an array leaf that has a"),
 ])
 def test_every_entry_point_names_itself_and_batches(name, batches, error, match):
   """Each public analysis function checks ``batches`` before any work, and the message starts with its name."""

@@ -4,9 +4,9 @@ Conventions shared by every function here:
 
 * ``loss_fn(params, batch) -> scalar`` is the *mean* loss of one batch.
 * ``batches`` is a sequence (or iterable) of batches. The loss over several
-  batches is their mean **weighted by batch size** (the leading dimension of
-  a batch's first leaf), i.e. the mean loss over all their examples; so is its
-  Hessian.
+  batches is their mean **weighted by batch size** (the leading dimension
+  most of a batch's array leaves share, so a key riding along does not count),
+  i.e. the mean loss over all their examples; so is its Hessian.
 * Model state that is not a parameter (BatchNorm statistics, dropout) is the
   caller's to freeze inside ``loss_fn``, e.g. for a Flax linen model::
 
@@ -103,12 +103,26 @@ _REORTH_AGAIN = 1 / math.sqrt(2)  # DGKS: a second pass when the norm drops belo
 
 
 def batch_size(batch: Any, name: str = "batch_size", what: str = "a batch") -> int:
-  """The number of examples of a batch: the leading dimension of its first leaf (errors name ``name``)."""
-  leaves = jax.tree.leaves(batch)
-  if not leaves or np.ndim(leaves[0]) == 0:
-    raise ValueError(f"{name}: {what} must be a pytree whose first leaf has a leading batch dimension, got "
-                     f"{type(batch).__name__} with first leaf shape {np.shape(leaves[0]) if leaves else None}.")
-  return int(np.shape(leaves[0])[0])
+  """The number of examples of a batch (errors name ``name``).
+
+  The leading dimension that most of the batch's array leaves share (ties go to
+  the largest leaf), typed PRNG keys left out: a dropout key or a mask riding
+  along in the batch (``{'dropout_rng': key, 'x': ..., 'y': ...}``, whose first
+  leaf is the key) does not set the batch's weight.
+  """
+  leaves = [leaf for leaf in jax.tree.leaves(batch)
+            if np.ndim(leaf) > 0 and not (hasattr(leaf, "dtype")
+                                          and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key))]
+  if not leaves:
+    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(batch)]
+    raise ValueError(f"{name}: {what} must be a pytree with an array leaf that has a leading batch dimension, "
+                     f"got {type(batch).__name__} with leaf shapes {shapes}.")
+  votes: dict[int, list[int]] = {}
+  for leaf in leaves:
+    count_and_size = votes.setdefault(int(np.shape(leaf)[0]), [0, 0])
+    count_and_size[0] += 1
+    count_and_size[1] = max(count_and_size[1], int(np.size(leaf)))
+  return max(votes, key=lambda size: tuple(votes[size]))
 
 
 def _as_batch_list(batches: Any, name: str) -> list:
