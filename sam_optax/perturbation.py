@@ -109,8 +109,10 @@ def dual_vector(gradient: Any, p: float = 2, *, eps: float = 1e-12) -> Any:
     norm_dtype = _widest_dtype(work)
     exponent = _binary_exponent(_tree_max_abs(work, norm_dtype))
     half = exponent // 2
-    unit = [leaf * _power_of_two(-half, leaf.dtype) * _power_of_two(half - exponent, leaf.dtype)
-            for leaf in work]
+    # In norm_dtype: 2^-half can be outside a float32 leaf's range when a float64
+    # leaf sets the scale (x64 trees that mix dtypes).
+    first, second = _power_of_two(-half, norm_dtype), _power_of_two(half - exponent, norm_dtype)
+    unit = [leaf.astype(norm_dtype) * first * second for leaf in work]
     if q == 2.0:
       norm_power = jnp.sqrt(sum(jnp.sum(jnp.square(u), dtype=norm_dtype) for u in unit))
       numerators = unit

@@ -364,6 +364,15 @@ def test_float64_norms_rho_and_eps():
     np.testing.assert_allclose(sam_optax.dual_vector(huge)["w"], [0.6, 0.8], rtol=1e-15)
     tiny = {"w": jnp.asarray([3e-300, 4e-300], jnp.float64)}
     np.testing.assert_allclose(sam_optax.dual_vector(tiny, eps=0.0)["w"], [0.6, 0.8], rtol=1e-15)
+    # A float32 leaf beside float64 leaves that set a scale beyond float32's range.
+    mixed = {"a": jnp.asarray([1e-30, 0.0], jnp.float32), "b": jnp.asarray([3e300, 4e300])}
+    direction = sam_optax.dual_vector(mixed)
+    assert direction["a"].dtype == jnp.float32
+    np.testing.assert_array_equal(direction["a"], [0.0, 0.0])  # 1e-30 / 5e300 underflows
+    np.testing.assert_allclose(direction["b"], [0.6, 0.8], rtol=1e-15)
+    mixed = {"a": jnp.asarray([3.0, 0.0], jnp.float32), "b": jnp.asarray([4e-200, 0.0])}
+    np.testing.assert_allclose(sam_optax.dual_vector(mixed, eps=0.0)["a"], [1.0, 0.0], rtol=1e-7)
+    np.testing.assert_allclose(sam_optax.dual_vector(mixed, eps=0.0)["b"], [4e-200 / 3, 0.0], rtol=1e-7)
 
     g = RNG.normal(size=7)
     params = {"w": jnp.asarray(RNG.normal(size=7), jnp.float64)}
