@@ -462,6 +462,11 @@ def tree_all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def tree_any_nonzero(tree: Any) -> jax.Array:
+  leaves = [jnp.any(x != 0) for x in jax.tree.leaves(tree)]
+  return jnp.any(jnp.stack(leaves)) if leaves else jnp.asarray(False)
+
+
 def keep_if_finite(new: Any, old: Any, checked: Any) -> Any:
   """``new`` where every leaf of ``checked`` is finite, else ``old`` (state buffers).
 

@@ -129,8 +129,7 @@ def fsam_perturb(
     # m = g on the first step that records one (the EMA is still all zeros:
     # the first step, or every earlier step was non-finite and left it
     # alone), then the EMA with decay lmbda.
-    recorded = jnp.any(jnp.stack([jnp.any(m != 0) for m in jax.tree.leaves(state.gradient_ema)]
-                                 or [jnp.asarray(False)]))
+    recorded = _common.tree_any_nonzero(state.gradient_ema)
     decay = jnp.where(recorded, lmbda, 0.0).astype(jnp.float32)
     gradient_ema = jax.tree.map(
         lambda m, g: (decay * m + (1.0 - decay) * g.astype(m.dtype)).astype(m.dtype),
