@@ -831,3 +831,43 @@ def test_loss_surface_2d_flattens_its_coordinates():
                                  jnp.array([0.0, 1.0]), [[0.0, 1.0], [2.0, 3.0]], 0.5)
   assert out.shape == (4, 1)
   np.testing.assert_allclose(out[:, 0], [0.25 * (x ** 2 + 2 * 0.25) for x in (0.0, 1.0, 2.0, 3.0)], rtol=1e-6)
+
+
+def _by_hand_lanczos_extremes(loss, params, batch, iterations, seed=0):
+  """Lanczos with full float64 reorthogonalisation on the host; products by plain jax.jvp of jax.grad."""
+  flat, unravel = ravel_pytree(params)
+  gradient = jax.grad(lambda v: loss(unravel(v), batch))
+  product = jax.jit(lambda v: jax.jvp(gradient, (flat,), (v,))[1])
+  q = np.random.default_rng(seed).standard_normal(flat.size)
+  basis, alphas, betas = [q / np.linalg.norm(q)], [], []
+  for _ in range(iterations):
+    w = np.asarray(product(jnp.asarray(basis[-1], flat.dtype)), np.float64)
+    alphas.append(basis[-1] @ w)
+    for _ in range(2):
+      w -= np.stack(basis).T @ (np.stack(basis) @ w)
+    betas.append(np.linalg.norm(w))
+    basis.append(w / betas[-1])
+  tridiagonal = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
+  values = np.linalg.eigvalsh(tridiagonal)
+  return values[-1], values[0]
+
+
+def test_extremes_of_a_trained_cnn_whose_products_round_above_eps_norm_t():
+  """The main job's SAM-trained digits CNN: its float32 HVPs round far above eps ||T|| in the first iterations
+  (||T|| is still small then), and partial reorthogonalisation that trusted eps ||T|| lost orthogonality: the
+  extremes came back as (1.5, -1.4), or (1e12, -1e12) for another key, instead of (0.140, -0.0023)."""
+  from sam_optax.experiments import data as data_lib, models, report, train as train_lib
+
+  dataset = data_lib.load_dataset("digits")
+  model = models.get_model("cnn", num_classes=dataset.num_classes)
+  config = train_lib.TrainConfig(optimizer="sam", base="sgd", epochs=25, batch_size=64, weight_decay=5e-4, seed=0)
+  state = train_lib.train(model, dataset.x_train, dataset.y_train, config, progress=False).state
+  loss = train_lib.make_eval_loss_fn(model, state.batch_stats)
+  batches = report.analysis_batches(dataset.x_train, dataset.y_train, 256)
+  expected_max, expected_min = _by_hand_lanczos_extremes(loss, state.params, batches[0], 120)
+  for seed in (0, 1):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", RuntimeWarning)  # converged, within max_iters
+      lambda_max, lambda_min = analysis.hessian_extremes(loss, state.params, batches, key=jax.random.key(seed))
+    np.testing.assert_allclose(lambda_max, expected_max, rtol=1e-3)
+    np.testing.assert_allclose(lambda_min, expected_min, rtol=1e-2, atol=1e-4 * expected_max)

@@ -31,9 +31,11 @@ loops, one such pytree with a leading iteration axis).
   product evaluates only the linear (tangent) part, like PyHessian's retained
   double-backward graph.
 * Reorthogonalisation is partial (Simon 1984): the loss of orthogonality is
-  estimated on the host from ``alpha_j, beta_j`` alone, and only when it
-  exceeds ``sqrt(eps)`` is a vector (and the next) orthogonalised, against
-  the basis vectors it lost orthogonality to. That is jitted tree arithmetic
+  estimated on the host from ``alpha_j, beta_j`` alone, with each step's
+  rounding taken as ``eps1 ||T||``, ``eps1 = sqrt(n) eps / 2`` (PROPACK's and
+  SLEPc's rule of thumb for ``n`` entries), and only when it exceeds
+  ``sqrt(eps1)`` is a vector (and the next) orthogonalised, against the basis
+  vectors it lost orthogonality to. That is jitted tree arithmetic
   on the devices: block Gram-Schmidt against groups of up to 32 basis
   vectors per call, in float32 (float64 when ``jax_enable_x64`` is on),
   repeated once more when a pass cancels more than ``1 - 1/sqrt(2)`` of the
@@ -930,6 +932,12 @@ def _unit_roundoff() -> float:
   return float(np.finfo(np.dtype(_accumulation_dtype())).eps)
 
 
+def _rounding_level(vector: Any, block: bool) -> float:
+  """``eps1 = sqrt(n) eps / 2`` (at least ``eps``) for Lanczos vectors of ``n`` entries (``block``: per probe)."""
+  size = sum(int(np.size(x)) // (int(np.shape(x)[0]) if block else 1) for x in jax.tree.leaves(vector))
+  return max(1.0, math.sqrt(size) / 2) * _unit_roundoff()
+
+
 class _OrthogonalityEstimate:
   """Simon's (1984) recurrence for ``omega_{j,k} ~ q_j^T q_k``, per probe, on the host.
 
@@ -939,16 +947,24 @@ class _OrthogonalityEstimate:
       beta_j omega_{j+1,k} = beta_k omega_{j,k+1} + (alpha_k - alpha_j) omega_{j,k}
                              + beta_{k-1} omega_{j,k-1} - beta_{j-1} omega_{j-1,k} + rounding,
 
-  with ``omega_{k,k} = 1``. The rounding term is bounded by ``eps ||T||`` and
-  added with the sign of the estimate (so the estimate errs towards losing
-  orthogonality), as in Simon's PRO and Larsen's PROPACK. Costs O(j) scalars
-  per iteration; nothing of size ``num_params``.
+  with ``omega_{k,k} = 1``. The rounding term is taken as ``eps1 ||T||``
+  with ``eps1 = sqrt(n) eps / 2`` for vectors of ``n`` entries (the rule of
+  thumb of PROPACK and SLEPc for ``fl(A v) = A v + f``: a float32 HVP or dot
+  product of 53k entries rounds ~100x above ``eps``) and added with the sign
+  of the estimate (so the estimate errs towards losing orthogonality), as in
+  Simon's PRO and Larsen's PROPACK. ``||T||`` is Gershgorin's bound, which
+  is far below ``||H||`` in the first iterations; the estimates below the
+  diagonal are linear in the rounding level (the diagonal 1s cancel), so
+  when the bound grows they are scaled up with it, as if the final level had
+  been used from the start. Costs O(j) scalars per iteration; nothing of
+  size ``num_params``.
   """
 
   def __init__(self, num: int, eps: float):
-    self.eps = eps
+    self.eps = eps  # eps1 above: the rounding level of one step, in units of ||T||
     self.previous = np.zeros((0, num))  # omega_{j-1, 0..j-1}
     self.current = np.ones((1, num))  # omega_{j, 0..j}
+    self.norm = np.zeros(num)  # the ||T|| bound the estimates so far are in units of
 
   def step(self, alphas: np.ndarray, betas: np.ndarray, beta: np.ndarray, norm_t: np.ndarray) -> np.ndarray:
     """``omega_{j+1, 0..j}`` from ``alphas[0..j]``, ``betas[0..j-1]``, ``beta = beta_j`` and Gershgorin's
@@ -960,7 +976,15 @@ class _OrthogonalityEstimate:
     j = len(alphas) - 1
     alpha_j = alphas[j]
     safe = np.maximum(beta, np.finfo(np.float64).tiny)
+    norm_t = np.maximum(norm_t, beta)  # ||H q_j|| >= beta_j
     current, previous = self.current, self.previous  # omega_{j, 0..j}, omega_{j-1, 0..j-1}
+    # Below the diagonal the estimates are linear in the rounding level eps ||T|| (the diagonal 1s cancel):
+    # when the bound on ||T|| grows, the earlier steps' rounding was that much larger than assumed.
+    growth = np.where(self.norm > 0, norm_t / np.maximum(self.norm, np.finfo(np.float64).tiny), 1.0)
+    growth = np.maximum(growth, 1.0)
+    self.norm = np.maximum(self.norm, norm_t)
+    current[:-1] *= growth
+    previous[:-1] *= growth
     new = np.empty((j + 1,) + beta.shape)
     if j:
       value = betas[:j] * current[1:] + (alphas[:j] - alpha_j) * current[:j] - betas[j - 1] * previous
@@ -985,13 +1009,13 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   """Lanczos with full or partial reorthogonalisation; vectors on the devices, ``alpha``/``beta`` on the host.
 
   ``reorthogonalize="partial"`` (Simon 1984): :class:`_OrthogonalityEstimate`
-  tracks ``max_k |q_{j+1}^T q_k|``; when it exceeds ``sqrt(eps)``, this vector
+  tracks ``max_k |q_{j+1}^T q_k|``; when it exceeds ``sqrt(eps1)``, this vector
   and the next are orthogonalised against the basis vectors with
-  ``|omega| > eps^(3/4)`` (PROPACK's choice), which keeps the basis
-  semi-orthogonal — enough for ``T`` to be the projection of ``H`` onto
-  the Krylov space to working precision, so Ritz values and residuals are
-  those of full reorthogonalisation — at a fraction of its reads of the basis.
-  ``"full"``: every vector, every iteration.
+  ``|omega| > eps1^(3/4)`` (PROPACK's choice, with its rounding level
+  ``eps1 = sqrt(n) eps / 2``), which keeps the basis semi-orthogonal — enough for ``T`` to be the projection of ``H`` onto
+  the Krylov space to the products' rounding level, so Ritz values and
+  residuals are those of full reorthogonalisation — at a fraction of its
+  reads of the basis. ``"full"``: every vector, every iteration.
 
   ``own_start=True``: ``start`` is the caller's to give up; it is normalised
   in place (its memory becomes the first basis vector).
@@ -1035,7 +1059,8 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   lengths = np.full(num, max_iters)
   done = np.zeros(num, bool)
   eps = _unit_roundoff()
-  estimate = _OrthogonalityEstimate(num, eps) if reorthogonalize == "partial" else None
+  estimate = (_OrthogonalityEstimate(num, _rounding_level(start, block)) if reorthogonalize == "partial"
+              else None)
   again = False  # PRO orthogonalises two consecutive vectors
   selected = np.zeros(0, int)
   reorthogonalised = 0
@@ -1063,10 +1088,10 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
       against = np.arange(len(basis))
     else:
       worst = estimate.step(alphas[:j + 1], betas[:j], norm, norm_t)
-      if again or (len(basis) > 1 and np.any(worst[~done] > math.sqrt(eps))):
-        # Against the vectors it has lost orthogonality to (|omega| > eps^(3/4)); the
+      if again or (len(basis) > 1 and np.any(worst[~done] > math.sqrt(estimate.eps))):
+        # Against the vectors it has lost orthogonality to (|omega| > eps1^(3/4)); the
         # next vector, against the same ones and its own (PROPACK's choice).
-        selected = np.union1d(selected if again else np.zeros(0, int), estimate.above(eps ** 0.75, ~done))
+        selected = np.union1d(selected if again else np.zeros(0, int), estimate.above(estimate.eps ** 0.75, ~done))
         against = selected
         again = not again
       else:
@@ -1139,6 +1164,7 @@ class _LoopState(NamedTuple):
   again: jax.Array  # PRO orthogonalises two consecutive vectors
   max_alpha: jax.Array
   max_beta: jax.Array
+  level: jax.Array  # the ||T|| bound the omega estimates are in units of (see _OrthogonalityEstimate)
   j: jax.Array  # iterations done
   done: jax.Array  # the Krylov space is invariant (beta ~ 0)
 
@@ -1170,6 +1196,7 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
   """
   dtype = _accumulation_dtype()
   eps = _unit_roundoff()
+  level_unit = _rounding_level(state.q, False)  # eps1 of _OrthogonalityEstimate
   capacity = state.alphas.shape[0]
   rows = jnp.arange(capacity)
   index = jnp.arange(capacity + 1)
@@ -1184,18 +1211,25 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
     max_alpha = jnp.maximum(s.max_alpha, jnp.abs(alpha))
     norm_t = max_alpha + 2 * s.max_beta  # Gershgorin's bound on ||T||
     valid = rows <= j
+    level = s.level
     if full:
       mask, selected, again, omega, omega_prev = valid, s.selected, s.again, s.omega, s.omega_prev
     else:  # omega_{j+1, k} from omega_{j, .} and omega_{j-1, .} (Simon's recurrence, vectorised over k)
       safe = jnp.maximum(norm, jnp.finfo(dtype).tiny)
+      bound = jnp.maximum(norm_t, norm)  # ||H q_j|| >= beta_j
+      # The estimates below the diagonal scale with the rounding level eps ||T|| (as in _OrthogonalityEstimate).
+      growth = jnp.where(s.level > 0, jnp.maximum(bound / jnp.maximum(s.level, jnp.finfo(dtype).tiny), 1.0), 1.0)
+      level = jnp.maximum(s.level, bound)
+      s = s._replace(omega=jnp.where(index < j, growth * s.omega, s.omega),
+                     omega_prev=jnp.where(index < j - 1, growth * s.omega_prev, s.omega_prev))
       betas = pad(s.betas)
       shifted_down = lambda x: jnp.concatenate([jnp.zeros((1,), x.dtype), x[:-1]])  # x[k - 1]
       value = (betas * jnp.concatenate([s.omega[1:], jnp.zeros((1,), dtype)]) + (pad(alphas) - alpha) * s.omega
                + shifted_down(betas) * shifted_down(s.omega) - s.beta_prev * s.omega_prev) / safe
-      bump = eps * norm_t / safe
+      bump = level_unit * bound / safe
       new = jnp.where(index < j, value + jnp.where(value >= 0, 1.0, -1.0) * bump, jnp.where(index == j, bump, 0.0))
-      trigger = s.again | ((j >= 1) & (jnp.max(jnp.abs(new)) > math.sqrt(eps)))
-      above = valid & (jnp.abs(new[:capacity]) > eps ** 0.75)
+      trigger = s.again | ((j >= 1) & (jnp.max(jnp.abs(new)) > math.sqrt(level_unit)))
+      above = valid & (jnp.abs(new[:capacity]) > level_unit ** 0.75)
       mask = trigger & ((s.again & s.selected) | above)
       selected = jnp.where(trigger, mask, s.selected)
       again = jnp.where(trigger, ~s.again, s.again)
@@ -1209,11 +1243,11 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
                       lambda p: p, pair)  # DGKS: cancellation, so once more
     w, norm = lax.cond(orthogonalise, reorthogonalise, lambda pair: pair, (w, norm))
     if not full:
-      omega = jnp.where(pad(mask), eps, omega)  # orthogonal to working precision now
+      omega = jnp.where(pad(mask), level_unit, omega)  # orthogonal to working precision now
     done = norm <= 1e-10 * jnp.maximum(1.0, norm_t)
     q = _scale_impl(w, 1.0 / jnp.where(done, 1.0, norm), False)
     return _LoopState(basis, q, s.q, norm, alphas, s.betas.at[j].set(norm), omega, omega_prev, selected, again,
-                      max_alpha, jnp.maximum(s.max_beta, norm), j + 1, done)
+                      max_alpha, jnp.maximum(s.max_beta, norm), level, j + 1, done)
 
   return lax.while_loop(lambda s: (s.j < stop) & ~s.done, body, state)
 
@@ -1228,7 +1262,7 @@ def _loop_state(q: Any, capacity: int) -> _LoopState:
                              for x in leaves])
   return _LoopState(basis, q, jax.tree.map(jnp.zeros_like, q), zeros(), zeros(capacity), zeros(capacity),
                     zeros(capacity + 1).at[0].set(1.0), zeros(capacity + 1), zeros(capacity, kind=bool),
-                    zeros(kind=bool), zeros(), zeros(), zeros(kind=jnp.int32), zeros(kind=bool))
+                    zeros(kind=bool), zeros(), zeros(), zeros(), zeros(kind=jnp.int32), zeros(kind=bool))
 
 
 def _grow_impl(state, extra):
@@ -1381,9 +1415,12 @@ def lanczos(
   ``reorthogonalize``: ``"partial"`` (default; Simon 1984) estimates the loss
   of orthogonality ``max_k |q_{j+1}^T q_k|`` from ``alpha, beta`` alone with
   Simon's recurrence and orthogonalises against the basis only when it
-  exceeds ``sqrt(eps)`` (then for two consecutive vectors). The basis stays
-  semi-orthogonal (``|q_i^T q_k| <= sqrt(eps)``), which makes ``T`` the
-  projection of ``H`` onto the Krylov space to working precision: the Ritz
+  exceeds ``sqrt(eps1)`` (then for two consecutive vectors), where ``eps1 =
+  sqrt(n) eps / 2`` is the rounding level of a step on vectors of ``n``
+  entries (PROPACK's rule of thumb; a float32 product through a trained
+  network rounds that far above ``eps``). The basis stays semi-orthogonal
+  (``|q_i^T q_k| <= sqrt(eps1)``), which makes ``T`` the projection of ``H``
+  onto the Krylov space to the products' rounding level: the Ritz
   values, their residuals and the number of iterations are those of full
   reorthogonalisation, while the basis is read far less often (it is what
   costs, beyond the ``matvec``s, for a large model). ``"full"``: every
