@@ -1058,7 +1058,6 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   max_alpha, max_beta = np.zeros(num), np.zeros(num)
   lengths = np.full(num, max_iters)
   done = np.zeros(num, bool)
-  eps = _unit_roundoff()
   estimate = (_OrthogonalityEstimate(num, _rounding_level(start, block)) if reorthogonalize == "partial"
               else None)
   again = False  # PRO orthogonalises two consecutive vectors
@@ -1195,7 +1194,6 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
   devices from the same recurrence as :class:`_OrthogonalityEstimate`.
   """
   dtype = _accumulation_dtype()
-  eps = _unit_roundoff()
   level_unit = _rounding_level(state.q, False)  # eps1 of _OrthogonalityEstimate
   capacity = state.alphas.shape[0]
   rows = jnp.arange(capacity)
@@ -1217,7 +1215,7 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
     else:  # omega_{j+1, k} from omega_{j, .} and omega_{j-1, .} (Simon's recurrence, vectorised over k)
       safe = jnp.maximum(norm, jnp.finfo(dtype).tiny)
       bound = jnp.maximum(norm_t, norm)  # ||H q_j|| >= beta_j
-      # The estimates below the diagonal scale with the rounding level eps ||T|| (as in _OrthogonalityEstimate).
+      # The estimates below the diagonal scale with the rounding level eps1 ||T|| (as in _OrthogonalityEstimate).
       growth = jnp.where(s.level > 0, jnp.maximum(bound / jnp.maximum(s.level, jnp.finfo(dtype).tiny), 1.0), 1.0)
       level = jnp.maximum(s.level, bound)
       s = s._replace(omega=jnp.where(index < j, growth * s.omega, s.omega),
