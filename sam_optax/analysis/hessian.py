@@ -960,11 +960,11 @@ class _OrthogonalityEstimate:
   size ``num_params``.
   """
 
-  def __init__(self, num: int, eps: float):
-    self.eps = eps  # eps1 above: the rounding level of one step, in units of ||T||
+  def __init__(self, num: int, eps1: float):
+    self.eps1 = eps1  # the rounding level of one step, in units of ||T||
     self.previous = np.zeros((0, num))  # omega_{j-1, 0..j-1}
     self.current = np.ones((1, num))  # omega_{j, 0..j}
-    self.norm = np.zeros(num)  # the ||T|| bound the estimates so far are in units of
+    self.bound = np.zeros(num)  # the ||T|| bound the estimates so far are in units of
 
   def step(self, alphas: np.ndarray, betas: np.ndarray, beta: np.ndarray, norm_t: np.ndarray) -> np.ndarray:
     """``omega_{j+1, 0..j}`` from ``alphas[0..j]``, ``betas[0..j-1]``, ``beta = beta_j`` and Gershgorin's
@@ -978,11 +978,11 @@ class _OrthogonalityEstimate:
     safe = np.maximum(beta, np.finfo(np.float64).tiny)
     norm_t = np.maximum(norm_t, beta)  # ||H q_j|| >= beta_j
     current, previous = self.current, self.previous  # omega_{j, 0..j}, omega_{j-1, 0..j-1}
-    # Below the diagonal the estimates are linear in the rounding level eps ||T|| (the diagonal 1s cancel):
+    # Below the diagonal the estimates are linear in the rounding level eps1 ||T|| (the diagonal 1s cancel):
     # when the bound on ||T|| grows, the earlier steps' rounding was that much larger than assumed.
-    growth = np.where(self.norm > 0, norm_t / np.maximum(self.norm, np.finfo(np.float64).tiny), 1.0)
+    growth = np.where(self.bound > 0, norm_t / np.maximum(self.bound, np.finfo(np.float64).tiny), 1.0)
     growth = np.maximum(growth, 1.0)
-    self.norm = np.maximum(self.norm, norm_t)
+    self.bound = np.maximum(self.bound, norm_t)
     current[:-1] *= growth
     previous[:-1] *= growth
     new = np.empty((j + 1,) + beta.shape)
@@ -990,8 +990,8 @@ class _OrthogonalityEstimate:
       value = betas[:j] * current[1:] + (alphas[:j] - alpha_j) * current[:j] - betas[j - 1] * previous
       value[1:] += betas[:j - 1] * current[:j - 1]
       value = value / safe
-      new[:j] = value + np.where(value >= 0, 1.0, -1.0) * self.eps * norm_t / safe
-    new[j] = self.eps * norm_t / safe  # q_{j+1} against q_j, after the local step
+      new[:j] = value + np.where(value >= 0, 1.0, -1.0) * self.eps1 * norm_t / safe
+    new[j] = self.eps1 * norm_t / safe  # q_{j+1} against q_j, after the local step
     self.previous, self.current = self.current, np.concatenate([new, np.ones((1,) + beta.shape)])
     return np.max(np.abs(new), axis=0)
 
@@ -1001,7 +1001,7 @@ class _OrthogonalityEstimate:
 
   def reset(self, indices: np.ndarray):
     """After orthogonalising ``q_{j+1}`` against ``q_k``, ``k`` in ``indices``: orthogonal to working precision."""
-    self.current[indices] = self.eps
+    self.current[indices] = self.eps1
 
 
 def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converged=None, min_iters: int = 1,
@@ -1012,10 +1012,11 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
   tracks ``max_k |q_{j+1}^T q_k|``; when it exceeds ``sqrt(eps1)``, this vector
   and the next are orthogonalised against the basis vectors with
   ``|omega| > eps1^(3/4)`` (PROPACK's choice, with its rounding level
-  ``eps1 = sqrt(n) eps / 2``), which keeps the basis semi-orthogonal — enough for ``T`` to be the projection of ``H`` onto
-  the Krylov space to the products' rounding level, so Ritz values and
-  residuals are those of full reorthogonalisation — at a fraction of its
-  reads of the basis. ``"full"``: every vector, every iteration.
+  ``eps1 = sqrt(n) eps / 2``), which keeps the basis semi-orthogonal —
+  enough for ``T`` to be the projection of ``H`` onto the Krylov space to
+  the products' rounding level, so Ritz values and residuals are those of
+  full reorthogonalisation — at a fraction of its reads of the basis.
+  ``"full"``: every vector, every iteration.
 
   ``own_start=True``: ``start`` is the caller's to give up; it is normalised
   in place (its memory becomes the first basis vector).
@@ -1087,10 +1088,10 @@ def _lanczos_run(ops: _Ops, matvec, start, max_iters: int, block: bool, converge
       against = np.arange(len(basis))
     else:
       worst = estimate.step(alphas[:j + 1], betas[:j], norm, norm_t)
-      if again or (len(basis) > 1 and np.any(worst[~done] > math.sqrt(estimate.eps))):
+      if again or (len(basis) > 1 and np.any(worst[~done] > math.sqrt(estimate.eps1))):
         # Against the vectors it has lost orthogonality to (|omega| > eps1^(3/4)); the
         # next vector, against the same ones and its own (PROPACK's choice).
-        selected = np.union1d(selected if again else np.zeros(0, int), estimate.above(estimate.eps ** 0.75, ~done))
+        selected = np.union1d(selected if again else np.zeros(0, int), estimate.above(estimate.eps1 ** 0.75, ~done))
         against = selected
         again = not again
       else:
@@ -1163,7 +1164,7 @@ class _LoopState(NamedTuple):
   again: jax.Array  # PRO orthogonalises two consecutive vectors
   max_alpha: jax.Array
   max_beta: jax.Array
-  level: jax.Array  # the ||T|| bound the omega estimates are in units of (see _OrthogonalityEstimate)
+  bound: jax.Array  # the ||T|| bound the omega estimates are in units of (see _OrthogonalityEstimate)
   j: jax.Array  # iterations done
   done: jax.Array  # the Krylov space is invariant (beta ~ 0)
 
@@ -1194,7 +1195,7 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
   devices from the same recurrence as :class:`_OrthogonalityEstimate`.
   """
   dtype = _accumulation_dtype()
-  level_unit = _rounding_level(state.q, False)  # eps1 of _OrthogonalityEstimate
+  eps1 = _rounding_level(state.q, False)  # as in _OrthogonalityEstimate
   capacity = state.alphas.shape[0]
   rows = jnp.arange(capacity)
   index = jnp.arange(capacity + 1)
@@ -1209,25 +1210,26 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
     max_alpha = jnp.maximum(s.max_alpha, jnp.abs(alpha))
     norm_t = max_alpha + 2 * s.max_beta  # Gershgorin's bound on ||T||
     valid = rows <= j
-    level = s.level
+    bound = s.bound
     if full:
       mask, selected, again, omega, omega_prev = valid, s.selected, s.again, s.omega, s.omega_prev
     else:  # omega_{j+1, k} from omega_{j, .} and omega_{j-1, .} (Simon's recurrence, vectorised over k)
       safe = jnp.maximum(norm, jnp.finfo(dtype).tiny)
-      bound = jnp.maximum(norm_t, norm)  # ||H q_j|| >= beta_j
+      step_bound = jnp.maximum(norm_t, norm)  # ||H q_j|| >= beta_j
       # The estimates below the diagonal scale with the rounding level eps1 ||T|| (as in _OrthogonalityEstimate).
-      growth = jnp.where(s.level > 0, jnp.maximum(bound / jnp.maximum(s.level, jnp.finfo(dtype).tiny), 1.0), 1.0)
-      level = jnp.maximum(s.level, bound)
+      growth = jnp.where(s.bound > 0, jnp.maximum(step_bound / jnp.maximum(s.bound, jnp.finfo(dtype).tiny), 1.0),
+                         1.0)
+      bound = jnp.maximum(s.bound, step_bound)
       s = s._replace(omega=jnp.where(index < j, growth * s.omega, s.omega),
                      omega_prev=jnp.where(index < j - 1, growth * s.omega_prev, s.omega_prev))
       betas = pad(s.betas)
       shifted_down = lambda x: jnp.concatenate([jnp.zeros((1,), x.dtype), x[:-1]])  # x[k - 1]
       value = (betas * jnp.concatenate([s.omega[1:], jnp.zeros((1,), dtype)]) + (pad(alphas) - alpha) * s.omega
                + shifted_down(betas) * shifted_down(s.omega) - s.beta_prev * s.omega_prev) / safe
-      bump = level_unit * bound / safe
+      bump = eps1 * step_bound / safe
       new = jnp.where(index < j, value + jnp.where(value >= 0, 1.0, -1.0) * bump, jnp.where(index == j, bump, 0.0))
-      trigger = s.again | ((j >= 1) & (jnp.max(jnp.abs(new)) > math.sqrt(level_unit)))
-      above = valid & (jnp.abs(new[:capacity]) > level_unit ** 0.75)
+      trigger = s.again | ((j >= 1) & (jnp.max(jnp.abs(new)) > math.sqrt(eps1)))
+      above = valid & (jnp.abs(new[:capacity]) > eps1 ** 0.75)
       mask = trigger & ((s.again & s.selected) | above)
       selected = jnp.where(trigger, mask, s.selected)
       again = jnp.where(trigger, ~s.again, s.again)
@@ -1241,11 +1243,11 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
                       lambda p: p, pair)  # DGKS: cancellation, so once more
     w, norm = lax.cond(orthogonalise, reorthogonalise, lambda pair: pair, (w, norm))
     if not full:
-      omega = jnp.where(pad(mask), level_unit, omega)  # orthogonal to working precision now
+      omega = jnp.where(pad(mask), eps1, omega)  # orthogonal to working precision now
     done = norm <= 1e-10 * jnp.maximum(1.0, norm_t)
     q = _scale_impl(w, 1.0 / jnp.where(done, 1.0, norm), False)
     return _LoopState(basis, q, s.q, norm, alphas, s.betas.at[j].set(norm), omega, omega_prev, selected, again,
-                      max_alpha, jnp.maximum(s.max_beta, norm), level, j + 1, done)
+                      max_alpha, jnp.maximum(s.max_beta, norm), bound, j + 1, done)
 
   return lax.while_loop(lambda s: (s.j < stop) & ~s.done, body, state)
 
