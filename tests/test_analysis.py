@@ -647,11 +647,14 @@ def test_iteration_designs_equal_the_host_loop(dense, design, monkeypatch):
 
 
 def _numpy_lanczos(matrix, start, iterations):
-  """Textbook Lanczos in float64 with full reorthogonalisation (twice): alphas, betas, basis rows."""
+  """Textbook Lanczos in float64 with full reorthogonalisation (twice): alphas, betas, basis rows.
+
+  ``matrix``: an array, or a function ``v -> H v`` on float64 vectors."""
+  product = matrix if callable(matrix) else (lambda v: matrix @ v)
   q = start / np.linalg.norm(start)
   basis, alphas, betas = [q], [], []
   for j in range(iterations):
-    w = matrix @ basis[j]
+    w = product(basis[j])
     alphas.append(basis[j] @ w)
     for _ in range(2):
       w = w - np.stack(basis).T @ (np.stack(basis) @ w)
@@ -838,15 +841,8 @@ def _by_hand_lanczos_extremes(loss, params, batch, iterations, seed=0):
   flat, unravel = ravel_pytree(params)
   gradient = jax.grad(lambda v: loss(unravel(v), batch))
   product = jax.jit(lambda v: jax.jvp(gradient, (flat,), (v,))[1])
-  q = np.random.default_rng(seed).standard_normal(flat.size)
-  basis, alphas, betas = [q / np.linalg.norm(q)], [], []
-  for _ in range(iterations):
-    w = np.asarray(product(jnp.asarray(basis[-1], flat.dtype)), np.float64)
-    alphas.append(basis[-1] @ w)
-    for _ in range(2):
-      w -= np.stack(basis).T @ (np.stack(basis) @ w)
-    betas.append(np.linalg.norm(w))
-    basis.append(w / betas[-1])
+  alphas, betas, _ = _numpy_lanczos(lambda v: np.asarray(product(jnp.asarray(v, flat.dtype)), np.float64),
+                                    np.random.default_rng(seed).standard_normal(flat.size), iterations)
   tridiagonal = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
   values = np.linalg.eigvalsh(tridiagonal)
   return values[-1], values[0]
