@@ -90,12 +90,12 @@ def main(argv=None) -> int:
 
   def unfused():
     q = hessian._scale(inputs["w"], np.float32(1 / 3.0), False)
-    w, alpha, norm = hessian._local_step(operator.matvec(q), q, q_prev, np.float32(0.5), False)
+    w, alpha, norm, _ = hessian._local_step(operator.matvec(q), q, q_prev, np.float32(0.5), False)
     return jax.device_get((alpha, norm))
 
   def unnormalised():  # the product of w itself; the scale 1 / beta enters the three-term step
     w = inputs["w"]
-    w, alpha, norm = hessian._local_step(operator.matvec(w), w, q_prev, np.float32(0.5), False, np.float32(1 / 3.0))
+    w, alpha, norm, _ = hessian._local_step(operator.matvec(w), w, q_prev, np.float32(0.5), False, np.float32(1 / 3.0))
     return jax.device_get((alpha, norm))
 
   def timed(fn):

@@ -476,6 +476,43 @@ def test_lanczos_reorthogonalisation(mode):
     assert _gram_error(result.basis) <= np.sqrt(eps)
 
 
+def _noisy_diagonal_operator(size):
+  """The diagonal operator, each product off by ``size`` times a fresh random unit vector: rounding at
+  ``size / 100`` of ``||H||``, some 10^4 times float32's ``eps`` (a float32 product through a trained
+  network rounds up to ~50 ``eps ||H||``)."""
+  matvec, start, values = _diagonal_operator()
+  noise = np.random.default_rng(1).standard_normal((130, 4000)).astype(np.float32)
+  noise *= size / np.linalg.norm(noise, axis=1, keepdims=True)
+  calls = []
+
+  def noisy(v):
+    w, f = matvec(v), noise[len(calls)]
+    calls.append(None)
+    return {"a": w["a"] + f[:1000], "b": w["b"] + f[1000:].reshape(60, 50)}
+  return noisy, start, values
+
+
+def test_partial_reorthogonalisation_measures_the_rounding_level(monkeypatch):
+  """Partial reorthogonalisation takes its rounding level from the products (``<q_{j-1}, w>`` after each
+  three-term step), so a product that rounds 10^4 times above ``eps`` still gives the exact outliers, no
+  ghost copies and a semi-orthogonal basis. With the level held at ``eps ||T||`` (the measured part
+  switched off) the same run loses orthogonality completely: ghosts, and Ritz values far outside H's
+  spectrum."""
+  matvec, start, values = _noisy_diagonal_operator(0.1)
+  result = analysis.lanczos(matvec, start, 120, reorthogonalize="partial")
+  ritz = np.sort(result.ritz_values)[::-1]
+  np.testing.assert_allclose(ritz[:5], values[:5], rtol=1e-3)  # the products are only that exact
+  assert np.sum(ritz > 10) == 5 and ritz[5] < 5.2
+  assert _gram_error(result.basis) < 1e-2
+  assert result.num_reorthogonalizations < 120
+
+  monkeypatch.setattr(analysis.hessian, "_ROUNDING_SAFETY", 0.0)
+  matvec, start, _ = _noisy_diagonal_operator(0.1)
+  result = analysis.lanczos(matvec, start, 120, reorthogonalize="partial")
+  assert _gram_error(result.basis) > 0.5
+  assert np.sum(result.ritz_values > 10) > 5 and np.max(result.ritz_values) > 200
+
+
 def test_lanczos_rejects_unknown_reorthogonalisation():
   matvec, start, _ = _diagonal_operator()
   with pytest.raises(ValueError, match="^lanczos: reorthogonalize must be 'partial' or 'full', got 'sometimes'"):
@@ -585,7 +622,7 @@ def test_float64_under_x64():
 @pytest.mark.parametrize("linearize", [True, False])
 @pytest.mark.parametrize("batches", [BATCHES, BATCHES[1:2]], ids=["3 batches", "1 batch"])
 def test_fused_lanczos_step_matches_dense(dense, linearize, batches):
-  """``lanczos_step``: q = v / beta, w = H q - alpha q - beta_prev q_prev, alpha = q^T H q, ||w||, by hand
+  """``lanczos_step``: q = v / beta, w = H q - alpha q - beta_prev q_prev, alpha = q^T H q, ||w||, q_prev^T w by hand
   with the dense Hessian; every batch count and both product kinds (linearised once, or recomputed)."""
   if len(batches) == 1:
     f, unravel = ravel_pytree(PARAMS)
@@ -600,7 +637,7 @@ def test_fused_lanczos_step_matches_dense(dense, linearize, batches):
   for scaled in (False, True):
     v = unravel(jnp.asarray(v_flat, jnp.float32))
     q_flat = v_flat / beta if scaled else v_flat
-    q, w, (alpha, norm), norm_on_device = operator.lanczos_step(
+    q, w, (alpha, norm, left), norm_on_device = operator.lanczos_step(
         v, jnp.float32(beta) if scaled else None, unravel(jnp.asarray(prev_flat, jnp.float32)), jnp.float32(beta_prev))
     assert float(norm_on_device) == float(norm)
     hq = hessian @ q_flat
@@ -610,6 +647,7 @@ def test_fused_lanczos_step_matches_dense(dense, linearize, batches):
     np.testing.assert_allclose(float(alpha), want_alpha, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(flat(w), want_w, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(norm), np.linalg.norm(want_w), rtol=1e-4)
+    np.testing.assert_allclose(float(left), prev_flat @ want_w, rtol=1e-4, atol=1e-5 * np.linalg.norm(want_w))
   assert operator.counter[0] == 2
   assert analysis.hessian_operator(loss_fn, PARAMS, batches, jit=False).lanczos_step is None
 
