@@ -311,8 +311,10 @@ def _local_step_impl(w, q, q_prev, beta_prev, block, scale=None):
 
   The last one is what is left of ``q_prev`` in the result: ``beta_j
   omega_{j+1,j-1}``, measured, from which :class:`_OrthogonalityEstimate`
-  takes the rounding level of the steps (it reads the same vectors as the
-  step, in the same pass).
+  takes the rounding level of the steps. XLA:CPU reads ``q_prev`` and the
+  result once more for it (cost_analysis: 0.80 -> 0.89 GB for the last
+  batch's product and the step at 11.6M parameters; 3.5 ms of a 330 ms
+  iteration).
 
   ``scale`` (unnormalised basis vectors, see :func:`_lanczos_run`): the
   Lanczos vector is ``scale * q`` and ``w = H q``; then ``alpha = scale^2
@@ -1453,9 +1455,10 @@ def lanczos(
   three-term step also returns ``<q_{j-1}, w>``, what rounding left of the
   previous vector, and ``eps1`` is twice the largest so far over
   ``||T||``, and at least the unit roundoff ``eps`` (a float32 product
-  through a trained network rounds far above ``eps``; a fixed rule such as
-  PROPACK's ``sqrt(n) eps / 2`` is too small for some models and far too
-  large for others). The basis stays semi-orthogonal
+  through a trained network rounds far above ``eps``, while on an
+  11.6M-parameter MLP a rule in ``n`` alone, PROPACK's ``sqrt(n) eps / 2``,
+  made Lanczos reorthogonalise far more often than its rounding needed).
+  The basis stays semi-orthogonal
   (``|q_i^T q_k| <= sqrt(eps1)``), which makes ``T`` the projection of ``H``
   onto the Krylov space to the products' rounding level: the Ritz
   values, their residuals and the number of iterations are those of full
