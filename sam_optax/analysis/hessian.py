@@ -947,6 +947,24 @@ def _unit_roundoff() -> float:
 _ROUNDING_SAFETY = 2.0
 
 
+def _next_rounding_level(xp, level, norm_t, left, eps: float):
+  """The rounding level after a step, for the host (``xp = numpy``) and the device loop (``jax.numpy``).
+
+  ``level``: the level so far (0 before the first step); ``norm_t``: the
+  bound on ``||T||``; ``left``: the step's measured ``<q_{j-1}, beta_j
+  q_{j+1}>`` (0 at ``j = 0``; not finite: ignored). Returns ``(level,
+  growth, eps1)``: the new level ``max(level, eps ||T||, safety |left|)``,
+  the factor it grew by (for the estimates made at the old level) and
+  ``level / ||T||``, at least ``eps``.
+  """
+  tiny = xp.finfo(xp.asarray(level).dtype).tiny
+  measured = xp.where(xp.isfinite(left), _ROUNDING_SAFETY * xp.abs(left), 0.0)
+  step_level = xp.maximum(eps * norm_t, measured)
+  growth = xp.where(level > 0, xp.maximum(step_level / xp.maximum(level, tiny), 1.0), 1.0)
+  level = xp.maximum(level, step_level)
+  return level, growth, xp.maximum(level / xp.maximum(norm_t, tiny), eps)
+
+
 class _OrthogonalityEstimate:
   """Simon's (1984) recurrence for ``omega_{j,k} ~ q_j^T q_k``, per probe, on the host.
 
@@ -1001,17 +1019,13 @@ class _OrthogonalityEstimate:
   def _step(self, alphas, betas, beta, norm_t, left):
     j = len(alphas) - 1
     alpha_j = alphas[j]
-    tiny = np.finfo(np.float64).tiny
-    safe = np.maximum(beta, tiny)
+    safe = np.maximum(beta, np.finfo(np.float64).tiny)
     norm_t = np.maximum(norm_t, beta)  # ||H q_j|| >= beta_j
-    level = np.maximum(self.eps * norm_t, _ROUNDING_SAFETY * np.abs(left) if j else 0.0)
-    level = np.where(np.isfinite(level), level, self.eps * norm_t)
     current, previous = self.current, self.previous  # omega_{j, 0..j}, omega_{j-1, 0..j-1}
     # Below the diagonal the estimates are linear in the rounding level (the diagonal 1s cancel): when the
     # level grows, the earlier steps' rounding was that much larger than assumed.
-    growth = np.where(self.level > 0, np.maximum(level / np.maximum(self.level, tiny), 1.0), 1.0)
-    self.level = np.maximum(self.level, level)
-    self.eps1 = np.maximum(self.level / np.maximum(norm_t, tiny), self.eps)
+    self.level, growth, self.eps1 = _next_rounding_level(np, self.level, norm_t, left if j else 0 * left,
+                                                         self.eps)
     current[:-1] *= growth
     previous[:-1] *= growth
     new = np.empty((j + 1,) + beta.shape)
@@ -1246,15 +1260,10 @@ def _lanczos_loop_impl(loss_fn, full, state, weights, params, data, stop):
     if full:
       mask, selected, again, omega, omega_prev = valid, s.selected, s.again, s.omega, s.omega_prev
     else:  # omega_{j+1, k} from omega_{j, .} and omega_{j-1, .} (Simon's recurrence, vectorised over k)
-      tiny = jnp.finfo(dtype).tiny
-      safe = jnp.maximum(norm, tiny)
+      safe = jnp.maximum(norm, jnp.finfo(dtype).tiny)
       step_bound = jnp.maximum(norm_t, norm)  # ||H q_j|| >= beta_j
       # The rounding level, measured (as in _OrthogonalityEstimate); the estimates below the diagonal scale with it.
-      measured = jnp.where((j >= 1) & jnp.isfinite(left), _ROUNDING_SAFETY * jnp.abs(left), 0.0)
-      step_level = jnp.maximum(eps * step_bound, measured)
-      growth = jnp.where(s.level > 0, jnp.maximum(step_level / jnp.maximum(s.level, tiny), 1.0), 1.0)
-      level = jnp.maximum(s.level, step_level)
-      eps1 = jnp.maximum(level / jnp.maximum(step_bound, tiny), eps)
+      level, growth, eps1 = _next_rounding_level(jnp, s.level, step_bound, jnp.where(j >= 1, left, 0.0), eps)
       s = s._replace(omega=jnp.where(index < j, growth * s.omega, s.omega),
                      omega_prev=jnp.where(index < j - 1, growth * s.omega_prev, s.omega_prev))
       betas = pad(s.betas)
