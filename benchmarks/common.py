@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -118,3 +119,18 @@ def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, *, resamples: i
 
 def verdict(ok: bool) -> str:
   return "PASS" if ok else "MISS"
+
+
+def allocator() -> str:
+  """Which C allocator this process's buffers come from, for a benchmark's header.
+
+  On XLA:CPU every buffer is ``malloc``'d; on this project's VMs the choice
+  moves CPU timings by up to 1.5x (``benchmarks/allocators.py``).
+  """
+  preload = os.environ.get("LD_PRELOAD", "")
+  if "jemalloc" in preload:
+    return f"jemalloc (LD_PRELOAD, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')!r})"
+  if preload:
+    return f"LD_PRELOAD={preload}"
+  tunables = os.environ.get("GLIBC_TUNABLES")
+  return f"the C library's (GLIBC_TUNABLES={tunables})" if tunables else "the C library's"

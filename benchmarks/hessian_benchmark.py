@@ -48,7 +48,7 @@ from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
-from common import interleaved_medians, paired_ratio, positive_int, verdict, xla_figures  # noqa: E402
+from common import allocator, interleaved_medians, paired_ratio, positive_int, verdict, xla_figures  # noqa: E402
 from sam_optax import analysis  # noqa: E402
 
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
   if args.quick:
     args.batch_size, args.rounds, args.seeds, hidden = 32, 2, 1, (64, 32)
   batch, source = images(args.batch_size)
-  print(f"data: {source}, batch {args.batch_size}, backend {jax.default_backend()}\n")
+  print(f"data: {source}, batch {args.batch_size}, backend {jax.default_backend()}, malloc: {allocator()}\n")
 
   if "4" in args.sections:  # first: its memory figure wants a fresh process
     large_section(args, batch, hidden=(4096, 2048) if not args.quick else (256, 128))

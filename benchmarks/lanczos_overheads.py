@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
-from common import interleaved_samples, paired_ratio, positive_int, xla_figures  # noqa: E402
+from common import allocator, interleaved_samples, paired_ratio, positive_int, xla_figures  # noqa: E402
 from hessian_benchmark import MLP, images, make_loss  # noqa: E402
 from sam_optax.analysis import hessian  # noqa: E402  (internals: this script times their pieces)
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
   operator = hessian.hessian_operator(loss_fn, params, batches)
   count = sum(p.size for p in jax.tree.leaves(params))
   print(f"data: {source}; MLP {hidden}, {count:,} parameters, 2 batches of {half}; backend "
-        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}\n")
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, malloc: {allocator()}\n")
 
   q_prev, _ = hessian._normalize(hessian._random_like(params, jax.random.key(0), "normal"), False)
   w0 = hessian._random_like(params, jax.random.key(1), "normal")

@@ -20,6 +20,8 @@ SMOKE_RUNS = [
                               "instead: HVPs, seconds, time / (HVPs x one HVP) |"]),
     ("lanczos_overheads.py", ["| one iteration (ends with [alpha, beta] on the host) |", "| device weight |",
                               "| last batch + three-term step |"]),
+    ("allocators.py", ["| allocator | 232 MB fill after a free", "| glibc |", "| glibc, no mmap |",
+                       "eigenvalues, every allocator and process vs glibc's first: max relative difference"]),
 ]
 
 
@@ -70,6 +72,8 @@ BAD_ARGUMENTS = [
     ("hessian_benchmark.py", ["--batch-size", "1"], "--batch-size: at least 2"),
     ("hessian_benchmark.py", ["--lanczos-rounds", "-1"], "argument --lanczos-rounds: expected a positive integer"),
     ("lanczos_overheads.py", ["--rounds", "x"], "argument --rounds: expected a positive integer, got 'x'"),
+    ("allocators.py", ["--idle", "-1"], "--idle: seconds, at least 0, got -1.0"),
+    ("allocators.py", ["--rounds", "0"], "argument --rounds: expected a positive integer, got 0"),
     ("memory_and_groups.py", ["--rounds", "0"], "argument --rounds: expected a positive integer, got 0"),
     ("rho_sweep.py", ["--models", "wrn,resnet"], "--models: a comma list from wrn,attention,gcn"),
     ("generalization.py", ["--settings", "digits"], "argument --settings: expected DATASET:LABEL_NOISE pairs"),
