@@ -88,7 +88,7 @@ def child(quick: bool, rounds: int, idle_s: float) -> None:
   sys.path.insert(0, os.path.dirname(HERE))  # this checkout's sam_optax
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from hessian_benchmark import MLP, images, make_loss  # pylint: disable=import-outside-toplevel
+  from hessian_benchmark import MLP, images, make_loss, two_halves  # pylint: disable=import-outside-toplevel
   from sam_optax import analysis  # pylint: disable=import-outside-toplevel
 
   fresh, idle = refault_ms(idle_s)
@@ -96,8 +96,7 @@ def child(quick: bool, rounds: int, idle_s: float) -> None:
   model = MLP((256, 128) if quick else (4096, 2048))
   params = model.init(jax.random.key(2), batch["x"][:1])["params"]
   loss_fn = make_loss(model)
-  half = batch["x"].shape[0] // 2
-  batches = [jax.tree.map(lambda x: x[:half], batch), jax.tree.map(lambda x: x[half:], batch)]
+  batches, _ = two_halves(batch)
   operator = analysis.hessian_operator(loss_fn, params, batches)
   v = jax.tree.map(jnp.ones_like, params)
   jax.block_until_ready(operator.matvec(v))

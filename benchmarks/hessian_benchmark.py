@@ -94,6 +94,12 @@ def make_loss(model):
   return loss_fn
 
 
+def two_halves(batch):
+  """The batch split into its first and second half (the benchmarks' two-batch Hessian), and the half size."""
+  half = batch["x"].shape[0] // 2
+  return [jax.tree.map(lambda x: x[:half], batch), jax.tree.map(lambda x: x[half:], batch)], half
+
+
 def _tree_dot(a, b):
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -277,8 +283,7 @@ def large_section(args, batch, hidden):
   params = model.init(jax.random.key(2), batch["x"][:1])["params"]
   loss_fn = make_loss(model)
   count = sum(p.size for p in jax.tree.leaves(params))
-  half = args.batch_size // 2
-  batches = [jax.tree.map(lambda x: x[:half], batch), jax.tree.map(lambda x: x[half:], batch)]
+  batches, half = two_halves(batch)
   # Memory: the first call in this process (it includes XLA's compilation), peak RSS over RSS before it.
   gc.collect()
   reset = peak_rss_reset()

@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's sam_optax
 from common import allocator, interleaved_samples, paired_ratio, positive_int, xla_figures  # noqa: E402
-from hessian_benchmark import MLP, images, make_loss  # noqa: E402
+from hessian_benchmark import MLP, images, make_loss, two_halves  # noqa: E402
 from sam_optax.analysis import hessian  # noqa: E402  (internals: this script times their pieces)
 
 
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
   model = MLP(hidden)
   params = model.init(jax.random.key(2), batch["x"][:1])["params"]
   loss_fn = make_loss(model)
-  half = args.batch_size // 2
-  batches = [jax.tree.map(lambda x: x[:half], batch), jax.tree.map(lambda x: x[half:], batch)]
+  batches, half = two_halves(batch)
   operator = hessian.hessian_operator(loss_fn, params, batches)
   count = sum(p.size for p in jax.tree.leaves(params))
   print(f"data: {source}; MLP {hidden}, {count:,} parameters, 2 batches of {half}; backend "
